@@ -1,0 +1,46 @@
+# halokit: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,gguf
+comma := ,
+STAMP := $(VENV)/.halokit-installed-$(subst $(comma),-,$(EXTRAS))
+# pip prints a warning for every missing local index folder on some machines; keep the output readable.
+PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+# Reinstalls only when the project or the constraints change. A torch that is already in the venv
+# (e.g. a CUDA build the user put there) is kept; otherwise constraints.txt pins the CPU wheel.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "halokit: keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+		$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]" 2>&1 | $(PIP_QUIET); \
+	else \
+		echo "halokit: installing torch (constraints.txt) and halokit[$(EXTRAS)] into $(VENV)"; \
+		$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]" 2>&1 | $(PIP_QUIET); \
+	fi
+	@$(PY) -c "import halokit, torch; print(f'halokit {halokit.__version__} with torch {torch.__version__}')"
+	@rm -f $(VENV)/.halokit-installed-*; touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/halokit demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench:
+	$(MAKE) install EXTRAS=dev,gguf,bench
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

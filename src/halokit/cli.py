@@ -1,0 +1,282 @@
+"""The ``halokit`` command.
+
+User errors (bad config, bad data, missing files) print one line on stderr and exit with code 2;
+``--debug`` shows the traceback instead. Subcommands whose engine is not built yet say so, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from halokit import __version__
+from halokit.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class NotBuiltYet(UserError):
+    """A subcommand that a later piece of work delivers."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``halokit`` console script; returns the exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot put positional KEY=VALUE overrides after options; collect them here
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return args.handler(args) or 0
+    except UserError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"halokit {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("halokit: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree: train, demo, eval, data {validate, inspect, convert}, report, unlearn."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for user errors")
+    parser = argparse.ArgumentParser(
+        prog="halokit", parents=[common],
+        description="Align causal language models with human-aware losses (KTO first) and make them "
+                    "unlearn (NPO).")
+    parser.add_argument("--version", action="version", version=f"halokit {__version__}")
+    parser.set_defaults(command=None)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    train = sub.add_parser("train", parents=[common], help="train with any method from a YAML recipe",
+                           description="Train with any method (sft, kto, dpo, ..., npo) from a YAML recipe "
+                                       "plus dotted key=value overrides, e.g. train.lr=1e-5.")
+    train.add_argument("config", nargs="?", help="YAML recipe (see recipes/)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    train.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
+    train.set_defaults(handler=cmd_train, command="train")
+
+    demo = sub.add_parser("demo", parents=[common], help="the whole KTO pipeline offline, with a report")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.set_defaults(handler=_not_built("demo", "the demo issue"), command="demo")
+
+    ev = sub.add_parser("eval", parents=[common], help="sample and score a model; unlearning metrics")
+    ev.add_argument("model", nargs="?", help="model directory")
+    ev.set_defaults(handler=_not_built("eval", "the evaluation work (demo and unlearning issues)"),
+                    command="eval")
+
+    report = sub.add_parser("report", parents=[common], help="plots and a report from a run directory")
+    report.add_argument("run_dir", nargs="?", help="run directory with metrics.jsonl")
+    report.set_defaults(handler=_not_built("report", "the demo issue"), command="report")
+
+    unlearn = sub.add_parser("unlearn", parents=[common], help="the TOFU-style unlearning benchmark")
+    unlearn.add_argument("action", nargs="?", choices=["bench"], help="what to run")
+    unlearn.set_defaults(handler=_not_built("unlearn", "the unlearning issue"), command="unlearn")
+
+    data = sub.add_parser("data", parents=[common], help="validate, inspect and convert data files")
+    data.set_defaults(handler=lambda a: data.print_help() or EXIT_USER_ERROR, command="data")
+    dsub = data.add_subparsers(title="data commands", metavar="ACTION")
+    formats = ["feedback", "preference", "sft", "forget"]
+
+    validate = dsub.add_parser("validate", parents=[common], help="check every row; report bad ones")
+    validate.add_argument("file")
+    validate.add_argument("--format", choices=formats, help="row format (default: detected from columns)")
+    validate.add_argument("--bad-rows", metavar="PATH", default="bad_rows.jsonl",
+                          help="where skipped rows go under data.on_bad_row=skip (default: ./bad_rows.jsonl)")
+    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                          help="data settings, e.g. data.columns.prompt=question data.on_bad_row=skip")
+    validate.set_defaults(handler=cmd_data_validate, command="data validate")
+
+    inspect = dsub.add_parser("inspect", parents=[common], help="counts, label balance, lengths, KTO weights")
+    inspect.add_argument("file")
+    inspect.add_argument("--format", choices=formats)
+    inspect.add_argument("--tokenizer", help="measure lengths in tokens of this tokenizer ('byte' built in)")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    inspect.set_defaults(handler=cmd_data_inspect, command="data inspect")
+
+    conv = dsub.add_parser("convert", parents=[common], help="convert between formats (e.g. pairs -> feedback)")
+    conv.add_argument("file")
+    conv.add_argument("--to", required=True, choices=formats)
+    conv.add_argument("--out", required=True, help="output file (.jsonl, .json or .parquet)")
+    conv.add_argument("--format", choices=formats)
+    conv.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    conv.set_defaults(handler=cmd_data_convert, command="data convert")
+    return parser
+
+
+def _not_built(name: str, owner: str):
+    def handler(args: argparse.Namespace) -> int:
+        raise NotBuiltYet(f"'halokit {name}' is not built yet; it arrives with {owner}")
+
+    return handler
+
+
+# ---------------------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from halokit.config import describe, load_config, save_config
+    from halokit.run import prepare_run
+
+    if args.keys:
+        for key, default, doc in describe():
+            print(f"{key} = {json.dumps(default, ensure_ascii=False, default=str)}  # {doc}")
+        return 0
+    overrides = list(args.overrides)
+    if args.resume:
+        config_path = Path(args.resume) / "config.yaml"
+        if args.config is not None:
+            overrides.insert(0, args.config)
+        cfg = load_config(config_path, overrides + [f"output_dir={args.resume}", "resume=true"])
+    else:
+        if args.config is None:
+            raise UserError("give a recipe: halokit train CONFIG.yaml [key=value ...] (see recipes/)")
+        cfg = load_config(args.config, overrides)
+    run = prepare_run(cfg)
+    save_config(cfg, run.run_dir)
+    print(run.describe())
+    raise NotBuiltYet(f"config and data are valid (resolved config in {run.run_dir / 'config.yaml'}), but the "
+                      f"training engine is not built yet; it arrives with the training-engine issue")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _data_settings(overrides: Sequence[str]):
+    from halokit.config import DataSettings, build, parse_override, set_dotted
+
+    values: dict = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        if not key.startswith("data."):
+            raise UserError(f"override {item!r}: only data.* settings apply here, e.g. data.on_bad_row=skip")
+        set_dotted(values, key[len("data."):], value)
+    return build(DataSettings, values, "data.")
+
+
+def _load(args: argparse.Namespace, on_bad_row: str | None = None):
+    from halokit.data.examples import LabelSpec
+    from halokit.data.load import detect_format, load_examples
+
+    settings = _data_settings(args.overrides)
+    fmt = args.format or settings.format or detect_format(args.file, columns=settings.columns,
+                                                          split=settings.split)
+    labels = LabelSpec.from_lists(settings.desirable_values, settings.undesirable_values,
+                                  settings.label_threshold)
+    policy = on_bad_row or settings.on_bad_row
+    loaded = load_examples(args.file, fmt, columns=settings.columns, labels=labels, on_bad_row=policy,
+                           split=settings.split)
+    return loaded, fmt, settings
+
+
+def cmd_data_validate(args: argparse.Namespace) -> int:
+    from halokit.data.load import write_bad_rows
+
+    loaded, fmt, settings = _load(args, on_bad_row="skip")
+    n_bad = len(loaded.bad_rows)
+    if n_bad and settings.on_bad_row == "error":
+        for bad in loaded.bad_rows[:50]:
+            print(bad.message(), file=sys.stderr)
+        more = f" (first 50 shown)" if n_bad > 50 else ""
+        print(f"halokit data validate: {_rows(n_bad, 'bad')} in {args.file}{more}; fix them, or pass "
+              f"data.on_bad_row=skip to drop them into {args.bad_rows}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    msg = f"{args.file}: {len(loaded.examples)} valid {fmt} rows"
+    if n_bad:
+        path = write_bad_rows(loaded.bad_rows, args.bad_rows)
+        msg += f"; {_rows(n_bad, 'bad')} skipped and written to {path}"
+    print(msg)
+    _warn_single_label(loaded.examples, args.file)
+    return 0
+
+
+def _rows(n: int, kind: str) -> str:
+    return f"{n} {kind} row{'' if n == 1 else 's'}"
+
+
+def _warn_single_label(examples, file: str) -> None:
+    from halokit.data.examples import FeedbackExample
+
+    if examples and isinstance(examples[0], FeedbackExample):
+        n_d = sum(e.is_desirable for e in examples)
+        if n_d in (0, len(examples)):
+            kind = "desirable" if n_d else "undesirable"
+            print(f"warning: {file}: every row is {kind}; KTO needs both labels to set its weights",
+                  file=sys.stderr)
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from halokit.data.convert import summarize
+
+    loaded, fmt, settings = _load(args)
+    length_fn = None
+    if args.tokenizer:
+        from halokit.data.tokenize import render
+        from halokit.models import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+
+        def length_fn(text):
+            return len(tok(render(tok, text, "x", settings.chat_template)[0])["input_ids"])
+
+    summary = summarize(loaded.examples, length_fn=length_fn)
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    _print_summary(args.file, summary)
+    _warn_single_label(loaded.examples, args.file)
+    return 0
+
+
+def _print_summary(file: str, summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{file}[/bold]: {summary.n_examples} {summary.format} rows, "
+                  f"{summary.n_prompts} distinct prompts")
+    if summary.counts:
+        total = sum(summary.counts.values())
+        console.print("  " + ", ".join(f"{k}: {v} ({100 * v / total:.1f}%)" for k, v in summary.counts.items()))
+    table = Table(title=f"lengths ({summary.length_unit})")
+    table.add_column("field")
+    stats = list(next(iter(summary.lengths.values())))
+    for s in stats:
+        table.add_column(s, justify="right")
+    for name, values in summary.lengths.items():
+        table.add_row(name, *(f"{values[s]:.0f}" if s != "mean" else f"{values[s]:.1f}" for s in stats))
+    console.print(table)
+    if summary.kto_weights is not None:
+        w = summary.kto_weights
+        console.print(f"KTO weights: kto.desirable_weight={w.desirable_weight:.3g} "
+                      f"kto.undesirable_weight={w.undesirable_weight:.3g}")
+        console.print(f"  {w.explanation}")
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from halokit.data.convert import convert, write_examples
+
+    loaded, fmt, _ = _load(args)
+    out = convert(loaded.examples, args.to)
+    if not out:
+        raise UserError(f"{args.file}: converting {fmt} to {args.to} gave no rows (e.g. no prompt has both a "
+                        f"desirable and an undesirable completion)")
+    path = write_examples(out, args.out)
+    print(f"{args.file}: {len(loaded.examples)} {fmt} rows -> {len(out)} {args.to} rows in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

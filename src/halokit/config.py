@@ -1,0 +1,520 @@
+"""Typed run configuration: YAML plus dotted ``key=value`` overrides, validated with clear messages.
+
+The schema is plain dataclasses. Each field's metadata carries a one-line ``doc``, and where the type
+alone is not enough, ``expect`` (what a valid value looks like, for the error message) and ``valid``
+(a predicate). :func:`load_config` turns a YAML file and overrides into a :class:`Config`; any unknown
+key, wrong type or invalid value raises :class:`~halokit.errors.ConfigError` naming the dotted key,
+the bad value and what is allowed, e.g. ``train.lr: expected a positive float, got "fast"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from halokit.data.examples import DEFAULT_DESIRABLE, DEFAULT_UNDESIRABLE
+from halokit.errors import ConfigError
+from halokit.losses import Method
+
+
+def _opt(default: Any = None, doc: str = "", *, expect: str | None = None,
+         valid: Callable[[Any], bool] | None = None, factory: Callable[[], Any] | None = None) -> Any:
+    meta = {"doc": doc, "expect": expect, "valid": valid}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(doc: str, default: float) -> Any:
+    return _opt(default, doc, expect="a positive float", valid=lambda v: v > 0)
+
+
+def _count(doc: str, default: int, minimum: int = 1) -> Any:
+    word = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    return _opt(default, doc, expect=word, valid=lambda v: v >= minimum)
+
+
+def _fraction(doc: str, default: float, *, closed_top: bool = True) -> Any:
+    if closed_top:
+        return _opt(default, doc, expect="a float in [0, 1]", valid=lambda v: 0.0 <= v <= 1.0)
+    return _opt(default, doc, expect="a float in [0, 1)", valid=lambda v: 0.0 <= v < 1.0)
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft; ``r = 0`` trains all weights."""
+
+    r: int = _count("LoRA rank; 0 disables LoRA and trains every weight", 0, minimum=0)
+    alpha: float = _positive("LoRA scaling numerator (scale = alpha / r)", 16.0)
+    dropout: float = _fraction("dropout on the LoRA input", 0.0, closed_top=False)
+    target_modules: list[str] = _opt(doc="module names to adapt, or ['all-linear']",
+                                     factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge: bool = _opt(False, "merge the adapters into the weights when saving the final model")
+
+
+@dataclass
+class ModelSettings:
+    """Which model to train and how to hold it in memory."""
+
+    path: str | None = _opt(None, "local directory, Hugging Face Hub id, or a .gguf file")
+    gguf_file: str | None = _opt(None, "GGUF file name inside `path` (when path is a directory)")
+    tiny: dict[str, Any] | None = _opt(None, "build a small Llama-style model from these LlamaConfig fields "
+                                             "instead of loading one (tests, demo; no download)")
+    tokenizer: str | None = _opt(None, "tokenizer directory or Hub id; default: the model's; 'byte' for "
+                                       "halokit's byte-level tokenizer")
+    dtype: Literal["float32", "bfloat16"] = _opt("float32", "compute dtype; bfloat16 uses autocast over "
+                                                            "float32 master weights")
+    attn_implementation: Literal["sdpa", "eager"] = _opt("sdpa", "attention kernel")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = _opt(False, "allow model code from the Hub to run (off unless you trust it)")
+    lora: LoraSettings = _opt(doc="LoRA settings", factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.tiny is None):
+            raise ConfigError("model: set exactly one of model.path (a model to load) or model.tiny "
+                              "(a config to build a small model from)")
+
+
+# ---------------------------------------------------------------------------------------------- data
+DataFormat = Literal["feedback", "preference", "sft", "forget"]
+
+
+@dataclass
+class DataSettings:
+    """Where the examples come from and how they become tokens."""
+
+    train: str | None = _opt(None, "training data: .jsonl/.json/.csv/.parquet, a saved datasets "
+                                   "directory, or a Hub id")
+    eval: str | None = _opt(None, "held-out data in the same format (optional)")
+    eval_fraction: float = _opt(0.0, "share of `train` held out for evaluation when `eval` is not set",
+                                expect="a float in [0, 0.5]", valid=lambda v: 0.0 <= v <= 0.5)
+    format: DataFormat | None = _opt(None, "row format; default: what the method needs")
+    split: str = _opt("train", "split to read from a datasets directory or Hub id")
+    forget: str | None = _opt(None, "forget set for unlearning methods")
+    retain: str | None = _opt(None, "retain set for unlearning methods that regularise on it")
+    columns: dict[str, str] = _opt(doc="map halokit field -> your column, e.g. {prompt: question}",
+                                   factory=dict)
+    desirable_values: list[str] = _opt(doc="label strings read as desirable (case-insensitive)",
+                                       factory=lambda: list(DEFAULT_DESIRABLE))
+    undesirable_values: list[str] = _opt(doc="label strings read as undesirable (case-insensitive)",
+                                         factory=lambda: list(DEFAULT_UNDESIRABLE))
+    label_threshold: float | None = _opt(None, "numeric labels: score >= threshold is desirable "
+                                               "(default: only 0/1 are accepted)")
+    chat_template: Literal["auto", "always", "never"] = _opt(
+        "auto", "auto: chat template for chat-message rows, plain text for strings")
+    max_length: int = _count("most tokens per prompt + completion", 1024, minimum=2)
+    max_prompt_length: int = _count("most prompt tokens", 512)
+    prompt_truncation: Literal["keep_end", "keep_start"] = _opt("keep_end", "which part of a long prompt "
+                                                                            "to keep")
+    completion_truncation: Literal["keep_start", "keep_end"] = _opt("keep_start", "which part of a long "
+                                                                                  "completion to keep")
+    on_bad_row: Literal["error", "skip"] = _opt("error", "error: stop at a bad row; skip: drop it and "
+                                                         "record it in bad_rows.jsonl")
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"data.max_prompt_length: expected less than data.max_length "
+                              f"({self.max_length}), got {self.max_prompt_length}")
+        allowed = {"prompt", "completion", "label", "chosen", "rejected", "role", "id"}
+        for name in self.columns:
+            if name not in allowed:
+                raise ConfigError(f"data.columns.{name}: unknown halokit field; allowed: "
+                                  f"{', '.join(sorted(allowed))}")
+        overlap = {v.lower() for v in self.desirable_values} & {v.lower() for v in self.undesirable_values}
+        if overlap:
+            raise ConfigError(f"data.desirable_values: {sorted(overlap)} also listed in "
+                              f"data.undesirable_values")
+
+
+# --------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainSettings:
+    """Optimisation, logging and checkpoint cadence."""
+
+    lr: float = _positive("peak learning rate (AdamW)", 5e-6)
+    micro_batch_size: int = _count("examples per forward/backward on each process", 8)
+    grad_accum: int = _count("micro-batches per optimizer step", 1)
+    max_steps: int = _count("optimizer steps; 0 runs `epochs` epochs", 0, minimum=0)
+    epochs: float = _positive("passes over the data when max_steps is 0", 1.0)
+    warmup_ratio: float = _fraction("share of steps with linear warmup", 0.1, closed_top=False)
+    schedule: Literal["constant", "linear", "cosine"] = _opt("constant", "learning-rate schedule after warmup")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", expect="a non-negative float",
+                               valid=lambda v: v >= 0)
+    adam_betas: tuple[float, float] = _opt((0.9, 0.999), "AdamW betas", expect="two floats in [0, 1)",
+                                           valid=lambda v: all(0.0 <= b < 1.0 for b in v))
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables", expect="a non-negative float",
+                                valid=lambda v: v >= 0)
+    seed: int = _count("random seed", 42, minimum=0)
+    log_every: int = _count("optimizer steps between logged metrics", 10)
+    eval_every: int = _count("optimizer steps between evaluations; 0 only at the end", 0, minimum=0)
+    save_every: int = _count("optimizer steps between checkpoints; 0 only at the end", 0, minimum=0)
+    keep_checkpoints: int = _count("checkpoints kept on disk", 2)
+    max_nonfinite_steps: int = _count("consecutive NaN/Inf steps before the run stops", 3)
+    packing: bool = _opt(True, "pack sequences without padding when the attention backend allows it")
+    logps_chunk_size: int = _count("completion tokens per LM-head chunk", 1024)
+    reference: Literal["auto", "cache", "frozen", "adapters_off"] = _opt(
+        "auto", "reference model: cache (log-probs on disk), frozen copy, or LoRA adapters disabled")
+    cache_dir: str | None = _opt(None, "where reference caches live (default: inside the run directory)")
+    trackers: list[str] = _opt(doc="accelerate trackers, e.g. [tensorboard, wandb]", factory=list)
+
+
+# ------------------------------------------------------------------------------- method hyper-params
+def _beta(default: float) -> Any:
+    return _positive("inverse temperature β", default)
+
+
+def _retain_weight() -> Any:
+    return _opt(1.0, "weight of the NLL on the retain set", expect="a non-negative float",
+                valid=lambda v: v >= 0)
+
+
+def _weight(doc: str) -> Any:
+    return _opt(None, doc, expect="a positive float or null", valid=lambda v: v > 0)
+
+
+@dataclass
+class KTOSettings:
+    """KTO (arXiv 2402.01306)."""
+
+    beta: float = _beta(0.1)
+    desirable_weight: float | None = _weight("λ_D; null: chosen from the data by the paper's rule")
+    undesirable_weight: float | None = _weight("λ_U; null: chosen from the data by the paper's rule")
+    weight_ratio_range: tuple[float, float] = _opt(
+        (1.0, 4 / 3), "target interval for λ_D·n_D / (λ_U·n_U)", expect="two floats 0 < lo <= hi",
+        valid=lambda v: 0 < v[0] <= v[1])
+
+
+@dataclass
+class BetaSettings:
+    """Methods whose only hyper-parameter is β (DPO, IPO, APO-zero, NPO)."""
+
+    beta: float = _beta(0.1)
+
+
+@dataclass
+class CDPOSettings:
+    """Conservative DPO: DPO with label smoothing ε (Mitchell 2023)."""
+
+    beta: float = _beta(0.1)
+    label_smoothing: float = _opt(0.1, "probability ε that a preference label is flipped",
+                                  expect="a float in [0, 0.5)", valid=lambda v: 0.0 <= v < 0.5)
+
+
+@dataclass
+class SLiCSettings:
+    """SLiC-HF calibration (arXiv 2305.10425)."""
+
+    delta: float = _positive("margin δ", 1.0)
+    nll_weight: float = _opt(0.1, "weight λ of the NLL on chosen", expect="a non-negative float",
+                             valid=lambda v: v >= 0)
+
+
+@dataclass
+class SimPOSettings:
+    """SimPO (arXiv 2405.14734)."""
+
+    beta: float = _beta(2.0)
+    gamma: float = _opt(0.5, "target reward margin γ", expect="a non-negative float", valid=lambda v: v >= 0)
+
+
+@dataclass
+class ORPOSettings:
+    """ORPO (arXiv 2403.07691)."""
+
+    lam: float = _positive("weight λ of the odds-ratio term", 0.1)
+
+
+@dataclass
+class RetainSettings:
+    """Gradient difference: GA on forget plus NLL on retain."""
+
+    retain_weight: float = _retain_weight()
+
+
+@dataclass
+class NPORTSettings:
+    """NPO with a retain term (arXiv 2404.05868)."""
+
+    beta: float = _beta(0.1)
+    retain_weight: float = _retain_weight()
+
+
+@dataclass
+class SimNPOSettings:
+    """SimNPO (arXiv 2410.07163)."""
+
+    beta: float = _beta(2.5)
+    gamma: float = _opt(0.0, "reward margin γ", expect="a non-negative float", valid=lambda v: v >= 0)
+    retain_weight: float = _retain_weight()
+
+
+@dataclass
+class IdkDPOSettings:
+    """DPO with refusals as chosen and forget answers as rejected, plus a retain term."""
+
+    beta: float = _beta(0.1)
+    retain_weight: float = _retain_weight()
+    idk_answers: str | None = _opt(None, "text file of refusal answers, one per line (default: built-in)")
+
+
+# -------------------------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    """A whole run. Only the section named by ``method`` is used among the method sections."""
+
+    method: str = _opt("kto", "training objective", expect="one of " + ", ".join(m.value for m in Method),
+                       valid=lambda v: v in {m.value for m in Method})
+    output_dir: str = _opt("runs/halokit", "run directory: config.yaml, metrics.jsonl, checkpoints, model")
+    resume: bool = _opt(False, "continue from the last checkpoint in output_dir")
+    model: ModelSettings = _opt(doc="model", factory=lambda: ModelSettings(tiny={}))
+    data: DataSettings = _opt(doc="data", factory=DataSettings)
+    train: TrainSettings = _opt(doc="training", factory=TrainSettings)
+    kto: KTOSettings = _opt(doc="KTO", factory=KTOSettings)
+    apo_zero_unpaired: BetaSettings = _opt(doc="APO-zero (unpaired)", factory=BetaSettings)
+    dpo: BetaSettings = _opt(doc="DPO", factory=BetaSettings)
+    cdpo: CDPOSettings = _opt(doc="cDPO", factory=CDPOSettings)
+    ipo: BetaSettings = _opt(doc="IPO", factory=BetaSettings)
+    slic: SLiCSettings = _opt(doc="SLiC", factory=SLiCSettings)
+    simpo: SimPOSettings = _opt(doc="SimPO", factory=SimPOSettings)
+    orpo: ORPOSettings = _opt(doc="ORPO", factory=ORPOSettings)
+    npo: BetaSettings = _opt(doc="NPO", factory=BetaSettings)
+    npo_rt: NPORTSettings = _opt(doc="NPO + retain", factory=NPORTSettings)
+    gd: RetainSettings = _opt(doc="gradient difference", factory=RetainSettings)
+    simnpo: SimNPOSettings = _opt(doc="SimNPO", factory=SimNPOSettings)
+    idk_dpo: IdkDPOSettings = _opt(doc="IdkDPO", factory=IdkDPOSettings)
+
+    def __post_init__(self) -> None:
+        method = Method(self.method)
+        if method.needs_kl_pairs and self.train.micro_batch_size < 2:
+            raise ConfigError(f"train.micro_batch_size: {method.value} pairs each prompt with another "
+                              f"example's completion inside a micro-batch, so it needs at least 2, got "
+                              f"{self.train.micro_batch_size}")
+        if method.needs_forget and self.data.forget is None:
+            raise ConfigError(f"data.forget: {method.value} unlearns a forget set; set data.forget to a file")
+        if method.needs_retain and self.data.retain is None:
+            raise ConfigError(f"data.retain: {method.value} regularises on a retain set; set data.retain "
+                              f"to a file")
+        if not method.needs_forget and self.data.train is None:
+            raise ConfigError(f"data.train: {method.value} needs training data; set data.train to a file")
+
+    @property
+    def method_settings(self) -> Any:
+        """The hyper-parameter section of ``method`` (None for methods without any)."""
+        return {
+            "kto": self.kto, "apo_zero_unpaired": self.apo_zero_unpaired, "dpo": self.dpo, "cdpo": self.cdpo,
+            "ipo": self.ipo, "slic": self.slic, "simpo": self.simpo, "orpo": self.orpo, "npo": self.npo,
+            "npo_rt": self.npo_rt, "gd": self.gd, "simnpo": self.simnpo, "idk_dpo": self.idk_dpo,
+        }.get(self.method)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Overrides use dotted keys (``train.lr=1e-5``, ``model.lora.r=8``); values are parsed as YAML, so
+    lists (``[a, b]``) and mappings work. Raises ConfigError on any unknown key or invalid value.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        values = read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(values, key, value)
+    return build(Config, values)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping with ``yaml.safe_load``; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {_show(values)}")
+    return values
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-5"`` -> ``("train.lr", 1e-05)``; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``values[a][b][c] = value`` for ``key = "a.b.c"``, creating mappings on the way."""
+    parts = key.split(".")
+    node = values
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, not a section; cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+T = typing.TypeVar("T")
+
+
+def build(cls: type[T], values: Any, prefix: str = "") -> T:
+    """Construct dataclass ``cls`` from a mapping, checking every key, type and constraint."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_show(values)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"allowed: {', '.join(fields)}"
+            raise ConfigError(f"{prefix}{key}: unknown key; {hint}")
+    kwargs = {name: _coerce(value, hints[name], fields[name], prefix + name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field without default; none exist today, keep the message clear
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _coerce(value: Any, tp: Any, fld: dataclasses.Field | None, key: str) -> Any:
+    meta = fld.metadata if fld is not None else {}
+    result = _convert(value, tp, key, meta.get("expect"))
+    valid = meta.get("valid")
+    if valid is not None and result is not None and not valid(result):
+        raise ConfigError(f"{key}: expected {meta['expect']}, got {_show(value)}")
+    return result
+
+
+def _convert(value: Any, tp: Any, key: str, expect: str | None) -> Any:
+    def fail(what: str) -> ConfigError:
+        return ConfigError(f"{key}: expected {expect or what}, got {_show(value)}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, inner[0], key, expect)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {_show(value)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "5e-6" as a string
+            except ValueError:
+                pass
+        raise fail("a float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail("a string")
+    if origin is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        return [_convert(v, args[0], f"{key}[{i}]", None) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail(f"a list of {len(args)} values")
+        return tuple(_convert(v, a, f"{key}[{i}]", None) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise fail("a mapping")
+        return {str(k): _convert(v, args[1], f"{key}.{k}", None) for k, v in value.items()}
+    if tp is Any:
+        return value
+    raise TypeError(f"config type {tp!r} at {key} is not supported")  # a bug in the schema, not user input
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data view of a config (tuples become lists) for YAML/JSON output."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config as ``RUN_DIR/config.yaml`` (reloadable with :func:`load_config`)."""
+    path = Path(run_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every config key as ``(dotted key, default, doc)``, for ``halokit train --keys``."""
+    rows: list[tuple[str, Any, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe(hints[f.name], prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((prefix + f.name, default, f.metadata.get("doc", "")))
+    return rows

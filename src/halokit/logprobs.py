@@ -1,0 +1,264 @@
+"""Sequence log-probs log π(y|x) from a causal LM, without ever building [B, T, V] logits.
+
+    log π(y|x) = Σ_{t ∈ completion} log p(y_t | x, y_<t) = Σ_t ( z_t[y_t] − logsumexp(z_t) ),
+    z_t = W h_{t−1} + b
+
+Where the time and memory go in a naive implementation (DESIGN.md, "Performance design"): the LM
+head on prompt and pad positions, and the full float32 logits. Here the backbone runs once, the
+hidden states of the N positions that predict a completion token are gathered into (N, H), and the
+head is applied to them chunk by chunk inside one autograd Function that keeps at most one
+(chunk_size, V) block of logits alive, in the forward and in the backward.
+
+Precision: the head matmul runs in the hidden states' dtype (bf16 under autocast, like a plain
+`lm_head` would), the log-softmax always in float32 or wider. Results are float32, float64 for a
+float64 model.
+
+Packed rows (several sequences per row, `position_ids` restarting at 0) need no attention mask and
+`use_cache=False`, or transformers silently attends across sequences (STACK.md); `sequence_logps`
+enforces both.
+
+Distributed wrappers (DDP, FSDP) expect their own forward to run; `sequence_logps` calls the
+backbone and the head directly, so pass it the unwrapped model only where gradients are synced
+some other way (e.g. DeepSpeed ZeRO, or a single process).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence sums of completion-token log-probs."""
+
+    sums: Tensor  # (S,) float32 (float64 for a float64 model): Σ_t log p(y_t | x, y_<t)
+    counts: Tensor  # (S,) int64: number of completion tokens
+
+    @property
+    def means(self) -> Tensor:
+        """(S,) mean token log-prob ā = sums / counts (SimPO, ORPO, SimNPO); 0 where count == 0."""
+        return self.sums / self.counts.clamp(min=1).to(self.sums.dtype)
+
+
+class _ChunkedLinearLogSoftmax(torch.autograd.Function):
+    """token_logps[n] = log_softmax(hidden[n] @ weight.T + bias)[targets[n]], chunked over n.
+
+    Saves hidden (N, H), weight, bias, targets and logsumexp (N,); the backward recomputes each
+    chunk's logits z and uses ∂ logp / ∂z = onehot(target) − softmax(z).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        with _no_autocast(hidden):
+            logps, lse = _ChunkedLinearLogSoftmax._forward(hidden, weight, bias, targets, chunk_size)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def _forward(hidden, weight, bias, targets, chunk_size):
+        mm_dtype, acc_dtype = _dtypes(hidden)
+        w = weight.to(mm_dtype)
+        b = None if bias is None else bias.to(mm_dtype)
+        logps = hidden.new_empty(hidden.shape[0], dtype=acc_dtype)  # (N,)
+        lse = torch.empty_like(logps)  # (N,)
+        for start in range(0, hidden.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            logits = _logits(hidden[sl], w, b, acc_dtype)  # (c, V)
+            lse[sl] = torch.logsumexp(logits, dim=-1)
+            logps[sl] = logits.gather(1, targets[sl, None]).squeeze(1) - lse[sl]
+        return logps, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        with _no_autocast(hidden):
+            return _ChunkedLinearLogSoftmax._backward(
+                grad_logps, hidden, weight, bias, targets, lse, ctx.needs_input_grad[:3], ctx.chunk_size
+            )
+
+    @staticmethod
+    def _backward(grad_logps, hidden, weight, bias, targets, lse, needs_input_grad, chunk_size):
+        need_h, need_w, need_b = needs_input_grad
+        mm_dtype, acc_dtype = _dtypes(hidden)
+        w = weight.to(mm_dtype)
+        b = None if bias is None else bias.to(mm_dtype)
+        grad_logps = grad_logps.to(acc_dtype)
+        # Accumulate the head's gradient over chunks in float32 at least: exact chunk sums in bf16 too.
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None  # (V, H)
+        grad_b = torch.zeros(bias.shape, dtype=wide, device=bias.device) if need_b else None  # (V,)
+        for start in range(0, hidden.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            g = grad_logps[sl, None]  # (c, 1)
+            # grad_logits = g · (onehot(target) − softmax(z)), built in place in the logits buffer
+            grad_logits = _logits(hidden[sl], w, b, acc_dtype)  # (c, V)
+            grad_logits.sub_(lse[sl, None]).exp_().mul_(-g)
+            grad_logits.scatter_add_(1, targets[sl, None], g)
+            if need_h:
+                grad_h[sl] = (grad_logits.to(mm_dtype) @ w).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(grad_logits.T.to(wide), hidden[sl].to(wide))
+            if need_b:
+                grad_b += grad_logits.sum(0).to(wide)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _dtypes(hidden: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(matmul dtype, softmax dtype): the hidden states' own, and float32 or wider."""
+    return hidden.dtype, torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _no_autocast(hidden: Tensor) -> torch.autocast:
+    """Autocast off inside the Function: its dtypes are chosen explicitly (see _dtypes), forward and
+    backward alike, even when backward() is called under autocast."""
+    return torch.autocast(hidden.device.type, enabled=False)
+
+
+def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, acc_dtype: torch.dtype) -> Tensor:
+    return nn.functional.linear(hidden, weight, bias).to(acc_dtype)  # (c, V)
+
+
+def token_logps_from_hidden(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    lm_head_bias: Tensor | None,
+    targets: Tensor,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """log softmax(hidden @ W.T + b)[targets] per row, never holding more than chunk_size rows of logits.
+
+    hidden (N, H), lm_head_weight W (V, H), lm_head_bias b (V,) or None, targets (N,) int64 → (N,).
+    Differentiable in hidden, W and b; a frozen W (requires_grad False) gets no gradient work.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    return _ChunkedLinearLogSoftmax.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)
+
+
+def sequence_logps_from_hidden(
+    hidden: Tensor,
+    lm_head: nn.Module,
+    input_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    sequence_ids: Tensor | None = None,
+    num_sequences: int | None = None,
+    position_ids: Tensor | None = None,
+    chunk_size: int = 1024,
+) -> SequenceLogps:
+    """Sequence log-probs from the backbone's last hidden states (B, T, H); see `sequence_logps`."""
+    B, T, H = hidden.shape
+    if input_ids.shape != (B, T) or completion_mask.shape != (B, T) or completion_mask.dtype != torch.bool:
+        raise ValueError(
+            f"input_ids and completion_mask must be ({B}, {T}) and completion_mask bool; got "
+            f"{tuple(input_ids.shape)}, {tuple(completion_mask.shape)} {completion_mask.dtype}"
+        )
+    target_idx = completion_mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat index of y_t
+    if sequence_ids is None:
+        seq, num_sequences = target_idx // T, B  # (N,) one sequence per row
+    else:
+        seq = sequence_ids.reshape(-1)[target_idx]  # (N,)
+    _check_targets(target_idx, T, seq, num_sequences, sequence_ids, position_ids)
+    pred_hidden = hidden.reshape(B * T, H).index_select(0, target_idx - 1)  # (N, H): h_{t−1} predicts y_t
+    targets = input_ids.reshape(-1)[target_idx]  # (N,)
+    bias = getattr(lm_head, "bias", None)
+    logps = token_logps_from_hidden(pred_hidden, lm_head.weight, bias, targets, chunk_size)  # (N,)
+    sums = logps.new_zeros(num_sequences).index_add(0, seq, logps)  # (S,)
+    counts = torch.bincount(seq, minlength=num_sequences)  # (S,) int64
+    return SequenceLogps(sums, counts)
+
+
+def _check_targets(
+    target_idx: Tensor,
+    T: int,
+    seq: Tensor,
+    num_sequences: int,
+    sequence_ids: Tensor | None,
+    position_ids: Tensor | None,
+) -> None:
+    """Every completion token must be predicted from a position of its own sequence, index in [0, S)."""
+    # One host sync, right after nonzero() has already synced: the checks cost ~nothing.
+    starts = target_idx % T == 0
+    if position_ids is not None:
+        starts = starts | (position_ids.reshape(-1)[target_idx] == 0)
+    bad = starts
+    if sequence_ids is not None:
+        prev_seq = sequence_ids.reshape(-1)[target_idx - 1]  # wraps at flat index 0, already flagged
+        bad = bad | (prev_seq != seq) | (seq < 0) | (seq >= num_sequences)
+    if bool(bad.any()):
+        first = int(target_idx[bad][0])
+        raise ValueError(
+            f"completion token at (row {first // T}, position {first % T}) starts a sequence or has a "
+            f"sequence id outside [0, {num_sequences}) or unlike its predecessor's; completion_mask marks "
+            "the tokens y_t (not the positions t−1 that predict them), and never the first of a sequence"
+        )
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    completion_mask: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    sequence_ids: Tensor | None = None,
+    num_sequences: int | None = None,
+    chunk_size: int = 1024,
+) -> SequenceLogps:
+    """log π(y|x) = Σ_{t: completion_mask[t]} log p(input_ids[t] | input_ids[<t]) for each sequence.
+
+    model: a Hugging Face causal LM (Llama, Qwen2, Mistral, …) or a peft model wrapping one.
+    input_ids (B, T) int64; completion_mask (B, T) bool, True where the *token* is a completion token
+    (predicted from the hidden state at t−1; never the first token of a row or packed sequence).
+
+    Padded batches: one sequence per row (S = B); pass the padding `attention_mask` (B, T) if any.
+    Packed rows: several sequences per row, `position_ids` (B, T) restarting at 0 for each,
+    `sequence_ids` (B, T) int64 giving each token's output index in [0, num_sequences); no
+    attention_mask. The backbone is always run with use_cache=False.
+
+    Only the N completion positions reach the LM head, in chunks of `chunk_size` rows, so peak
+    logits memory is chunk_size × V instead of B × T × V. Returns sums (S,) and counts (S,); a
+    sequence without completion tokens gets sum 0, count 0, mean 0 and zero gradients.
+    """
+    if (sequence_ids is None) != (num_sequences is None):
+        raise ValueError("sequence_ids and num_sequences go together (packed rows)")
+    if sequence_ids is not None and (position_ids is None or attention_mask is not None):
+        raise ValueError(
+            "packed rows need position_ids restarting at 0 per sequence and no attention_mask; "
+            "otherwise attention silently crosses sequence boundaries"
+        )
+    # peft: the base model's modules still hold the injected LoRA layers (and honour disable_adapter)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _check_plain_head(causal_lm)
+    hidden = causal_lm.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    return sequence_logps_from_hidden(
+        hidden,
+        causal_lm.get_output_embeddings(),
+        input_ids,
+        completion_mask,
+        sequence_ids=sequence_ids,
+        num_sequences=num_sequences,
+        position_ids=position_ids,
+        chunk_size=chunk_size,
+    )
+
+
+def _check_plain_head(causal_lm: nn.Module) -> None:
+    """Refuse models whose logits are not lm_head(last_hidden_state): the result would be silently wrong."""
+    config = getattr(causal_lm, "config", None)
+    if config is None:
+        return
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            raise NotImplementedError(f"{type(causal_lm).__name__} transforms its logits ({name}={value})")
