@@ -188,7 +188,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
     if n_bad and settings.on_bad_row == "error":
         for bad in loaded.bad_rows[:50]:
             print(bad.message(), file=sys.stderr)
-        more = f" (first 50 shown)" if n_bad > 50 else ""
+        more = " (first 50 shown)" if n_bad > 50 else ""
         print(f"halokit data validate: {_rows(n_bad, 'bad')} in {args.file}{more}; fix them, or pass "
               f"data.on_bad_row=skip to drop them into {args.bad_rows}", file=sys.stderr)
         return EXIT_USER_ERROR

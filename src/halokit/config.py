@@ -23,7 +23,7 @@ import yaml
 
 from halokit.data.examples import DEFAULT_DESIRABLE, DEFAULT_UNDESIRABLE
 from halokit.errors import ConfigError
-from halokit.losses import Method
+from halokit.methods import Method
 
 
 def _opt(default: Any = None, doc: str = "", *, expect: str | None = None,

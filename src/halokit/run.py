@@ -11,7 +11,7 @@ from halokit.data.convert import pairs_to_feedback
 from halokit.data.examples import Example, Format, LabelSpec
 from halokit.data.load import BadRow, detect_format, load_examples, write_bad_rows
 from halokit.errors import UserError
-from halokit.losses import Method
+from halokit.methods import Method
 
 
 def native_format(method: Method) -> Format:

@@ -144,7 +144,7 @@ def summarize(examples: Sequence[Example], *, length_fn=None, ratio_range=(1.0, 
 
     ``length_fn(text) -> int`` measures a text (tokens when a tokenizer is given); default characters.
     """
-    from halokit.losses import kto_weights
+    from halokit.methods import kto_weights
 
     fmt = format_of(examples[0])
     measure = length_fn or (lambda t: len(_flatten(t)))

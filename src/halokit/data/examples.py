@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 Message = dict[str, str]
-Text = Union[str, tuple[Message, ...]]
+Text = str | tuple[Message, ...]
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("feedback", "preference", "sft", "forget")
 Format = Literal["feedback", "preference", "sft", "forget"]
@@ -74,7 +74,7 @@ class ForgetExample:
     id: str | None = None
 
 
-Example = Union[FeedbackExample, PreferenceExample, SFTExample, ForgetExample]
+Example = FeedbackExample | PreferenceExample | SFTExample | ForgetExample
 
 
 @dataclass(frozen=True)
