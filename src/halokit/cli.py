@@ -25,6 +25,7 @@ class NotBuiltYet(UserError):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``halokit`` console script; returns the exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse cannot put positional KEY=VALUE overrides after options; collect them here
@@ -276,7 +277,3 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     print(f"{args.file}: {len(loaded.examples)} {fmt} rows -> {len(out)} {args.to} rows in {path}")
     return 0
 
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())
