@@ -149,8 +149,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = prepare_run(cfg)
     save_config(cfg, run.run_dir)
     print(run.describe())
-    raise NotBuiltYet(f"config and data are valid (resolved config in {run.run_dir / 'config.yaml'}), but the "
-                      f"training engine is not built yet; it arrives with the training-engine issue")
+    from halokit.train import train
+
+    train(cfg, run)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -262,3 +262,28 @@ def _check_plain_head(causal_lm: nn.Module) -> None:
         value = getattr(config, name, None)
         if value is not None and value != neutral:
             raise NotImplementedError(f"{type(causal_lm).__name__} transforms its logits ({name}={value})")
+
+
+class LogpsModel(nn.Module):
+    """``forward(seq_batch) -> SequenceLogps``: the unit that DDP/FSDP wrap, so that their forward runs.
+
+    ``seq_batch`` is a :class:`halokit.data.collate.SeqBatch` (packed or padded rows).
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, seq) -> SequenceLogps:
+        packed = seq.sequence_ids is not None
+        return sequence_logps(
+            self.model,
+            seq.input_ids,
+            seq.completion_mask,
+            attention_mask=seq.attention_mask,
+            position_ids=seq.position_ids,
+            sequence_ids=seq.sequence_ids,
+            num_sequences=seq.num_sequences if packed else None,
+            chunk_size=self.chunk_size,
+        )

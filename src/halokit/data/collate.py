@@ -1,0 +1,219 @@
+"""Batches: a fixed, length-bucketed plan of micro-batches, and the layout of sequences for one forward.
+
+**The plan.** Examples are grouped once (seeded) into *step batches* of
+``micro_batch_size × grad_accum × num_processes`` examples of similar length, each cut in order into
+the micro-batches of every process. Epochs only permute the order of the step batches. So an
+optimizer step sees the same examples whatever the split into micro-batches and processes (the
+gradient-accumulation invariance), and a micro-batch's composition never changes — which makes
+KTO's in-batch KL pairs deterministic and their reference log-probs cacheable.
+
+**KL pairs** (KTO, arXiv 2402.01306 §3): inside each micro-batch of B examples, prompt i is paired with
+completion (i + 1) mod B, a mismatched pair whose log-ratio estimates the reference point z₀.
+
+**The layout.** Sequences (prompt ids + completion ids) are packed first-fit-decreasing into rows of
+at most ``row_tokens`` tokens with ``position_ids`` restarting at 0 for each sequence and no attention
+mask (padding-free attention, STACK.md), the rest of a row filled by one padding block that is its own
+sequence and never scored. With ``packing=False`` each sequence gets its own row, padded to the batch
+maximum (never to a global max_length), with an attention mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+Pair = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, completion_ids)
+
+
+@dataclass
+class SeqBatch:
+    """Sequences laid out for one forward pass; ``S = num_sequences`` scored sequences."""
+
+    input_ids: Tensor  # (R, L) int64
+    position_ids: Tensor  # (R, L) int64
+    completion_mask: Tensor  # (R, L) bool, True on completion tokens
+    sequence_ids: Tensor | None  # (R, L) int64 output slot of each token (packed rows), None when padded
+    attention_mask: Tensor | None  # (R, L) int64 (padded rows), None when packed
+    num_sequences: int
+    num_tokens: int  # real (non-padding) tokens
+
+    def to(self, device: torch.device | str) -> SeqBatch:
+        """A copy with every tensor on ``device``."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return SeqBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in moved.items()})
+
+
+def layout(pairs: Sequence[Pair], *, pad_id: int, packing: bool = True, row_tokens: int = 2048) -> SeqBatch:
+    """Lay out ``pairs`` (S of them, output slot s = position in ``pairs``) as packed or padded rows."""
+    seqs = [list(p) + list(c) for p, c in pairs]
+    prompt_lens = [len(p) for p, _ in pairs]
+    if not packing:
+        return _padded(seqs, prompt_lens, pad_id)
+    capacity = max(row_tokens, max(len(s) for s in seqs))
+    rows: list[list[int]] = []  # sequence indices per row
+    room: list[int] = []
+    for s in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):  # first fit decreasing
+        for r, free in enumerate(room):
+            if free >= len(seqs[s]):
+                rows[r].append(s)
+                room[r] -= len(seqs[s])
+                break
+        else:
+            rows.append([s])
+            room.append(capacity - len(seqs[s]))
+    width = max(capacity - free for free in room)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    sequence_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    completion_mask = torch.zeros((n_rows, width), dtype=torch.bool)
+    for r, members in enumerate(rows):
+        at = 0
+        for s in members:
+            n = len(seqs[s])
+            input_ids[r, at:at + n] = torch.tensor(seqs[s])
+            position_ids[r, at:at + n] = torch.arange(n)
+            sequence_ids[r, at:at + n] = s
+            completion_mask[r, at + prompt_lens[s]:at + n] = True
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # the padding block: its own sequence, never scored
+    return SeqBatch(input_ids, position_ids, completion_mask, sequence_ids, None, len(seqs),
+                    sum(map(len, seqs)))
+
+
+def _padded(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> SeqBatch:
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attention_mask[i, :len(s)] = 1
+        completion_mask[i, prompt_lens[i]:len(s)] = True
+    position_ids = torch.arange(width).expand(n, width).clone()
+    return SeqBatch(input_ids, position_ids, completion_mask, None, attention_mask, n, sum(map(len, seqs)))
+
+
+def kl_pairs(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> list[Pair]:
+    """KTO's mismatched pairs within a micro-batch: (prompt i, completion (i+1) mod B), B >= 2."""
+    b = len(prompts)
+    if b < 2:
+        raise ValueError("KTO's KL pairs need at least 2 examples per micro-batch")
+    return [(prompts[i], completions[(i + 1) % b]) for i in range(b)]
+
+
+# ------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class BatchPlan:
+    """Fixed micro-batches: ``steps[k][rank][m]`` is a list of example indices.
+
+    ``num_steps`` optimizer steps per epoch; examples that do not fill a last step batch are left out
+    of the plan (``dropped``), a few at most, and reported.
+    """
+
+    steps: tuple[tuple[tuple[tuple[int, ...], ...], ...], ...]
+    dropped: tuple[int, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def epoch_order(self, epoch: int, seed: int) -> list[int]:
+        """The order of step batches in ``epoch``: a permutation seeded by (seed, epoch)."""
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        return torch.randperm(self.num_steps, generator=gen).tolist()
+
+    def micro_batches(self) -> list[tuple[int, ...]]:
+        """Every micro-batch of the plan, all steps and ranks (for reference caches)."""
+        return [mb for step in self.steps for rank in step for mb in rank]
+
+
+def plan_batches(lengths: Sequence[int], *, micro_batch_size: int, grad_accum: int = 1, num_processes: int = 1,
+                 seed: int = 0, bucket_steps: int = 16) -> BatchPlan:
+    """Group example indices into step batches of similar length (see module docstring).
+
+    ``lengths`` are the token lengths of the examples. Length bucketing: shuffle, cut into windows of
+    ``bucket_steps`` step batches, sort each window by length, slice it into step batches.
+    """
+    step_size = micro_batch_size * grad_accum * num_processes
+    if len(lengths) < step_size:
+        raise ValueError(f"{len(lengths)} examples cannot fill one optimizer step of {step_size} "
+                         f"(micro_batch_size × grad_accum × processes)")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    usable = len(order) - len(order) % step_size
+    kept, dropped = order[:usable], order[usable:]
+    window = step_size * bucket_steps
+    step_batches = []
+    for start in range(0, usable, window):
+        chunk = sorted(kept[start:start + window], key=lambda i: lengths[i])
+        step_batches += [chunk[j:j + step_size] for j in range(0, len(chunk), step_size)]
+    steps = []
+    for batch in step_batches:
+        per_rank = []
+        for rank in range(num_processes):
+            mine = batch[rank * micro_batch_size * grad_accum:(rank + 1) * micro_batch_size * grad_accum]
+            per_rank.append(tuple(tuple(mine[m * micro_batch_size:(m + 1) * micro_batch_size])
+                                  for m in range(grad_accum)))
+        steps.append(tuple(per_rank))
+    return BatchPlan(tuple(steps), tuple(sorted(dropped)))
+
+
+# ------------------------------------------------------------------------------------------ batches
+@dataclass
+class Batch:
+    """One micro-batch of B examples, ready for a training step.
+
+    ``policy``: the scored sequences — B of them (sft, unpaired, unlearning), or 2B for pairs,
+    chosen first: slots [0, B) chosen, [B, 2B) rejected. ``kl``: KTO's B mismatched pairs.
+    ``retain``: a micro-batch of retain examples for unlearning methods with a retain term.
+    """
+
+    index: Tensor  # (B,) example indices into the dataset
+    policy: SeqBatch
+    kl: SeqBatch | None = None
+    is_desirable: Tensor | None = None  # (B,) bool
+    retain: SeqBatch | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.index.numel())
+
+    def to(self, device: torch.device | str) -> Batch:
+        """A copy with every tensor on ``device``."""
+        return Batch(self.index.to(device), self.policy.to(device), self.kl and self.kl.to(device),
+                     None if self.is_desirable is None else self.is_desirable.to(device),
+                     self.retain and self.retain.to(device))
+
+
+def collate(records: Sequence[dict], indices: Sequence[int], *, with_kl: bool = False, pad_id: int = 0,
+            packing: bool = True, row_tokens: int = 2048) -> Batch:
+    """Build a :class:`Batch` from tokenized records (see ``data.tokenize.encode_examples``).
+
+    Paired records (``chosen_ids``/``rejected_ids``) give 2B sequences; others B. ``with_kl`` adds
+    KTO's KL pairs (prompt i, completion (i+1) mod B).
+    """
+    chosen = [records[i] for i in indices]
+    opts = {"pad_id": pad_id, "packing": packing, "row_tokens": row_tokens}
+    if "chosen_ids" in chosen[0]:
+        pairs = [(r["prompt_ids"], r["chosen_ids"]) for r in chosen] + \
+                [(r["prompt_ids"], r["rejected_ids"]) for r in chosen]
+    else:
+        pairs = [(r["prompt_ids"], r["completion_ids"]) for r in chosen]
+    kl = None
+    if with_kl:
+        kl = layout(kl_pairs([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen]), **opts)
+    is_desirable = None
+    if "is_desirable" in chosen[0]:
+        is_desirable = torch.tensor([r["is_desirable"] for r in chosen], dtype=torch.bool)
+    return Batch(torch.tensor(list(indices), dtype=torch.long), layout(pairs, **opts), kl, is_desirable)
+
+
+def sequence_lengths(records: Sequence[dict]) -> list[int]:
+    """Tokens per example (prompt + its longest completion), for length bucketing."""
+    return [len(r["prompt_ids"]) + max(len(r.get("completion_ids", ())), len(r.get("chosen_ids", ())),
+                                       len(r.get("rejected_ids", ()))) for r in records]

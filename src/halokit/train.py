@@ -1,0 +1,265 @@
+"""The training loop: one function, read top to bottom, on accelerate.
+
+The same code runs one CPU process, one GPU, or ``accelerate launch``/``torchrun`` with many processes
+(DDP; the KTO reference point is averaged across ranks inside the step). Each optimizer step:
+forward + loss on every micro-batch (gradients synced on the last), clip, NaN/Inf guard, AdamW step,
+schedule; metrics stay on the device and are read once per logging interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from halokit.checkpoint import RunLock, cleanup_stale_tmp, latest_checkpoint, load_checkpoint, save_checkpoint
+from halokit.config import Config
+from halokit.data.collate import Batch, collate
+from halokit.errors import UserError
+from halokit.logprobs import LogpsModel
+from halokit.methods import Method
+from halokit.models import autocast_context, load_policy, save_model
+from halokit.prepare import Prepared, Split, build_references, collate_options, prepare_data
+from halokit.progress import make_progress
+from halokit.run import RunData
+from halokit.steps import make_step
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and the consecutive non-finite steps so far."""
+
+    step: int = 0
+    nonfinite: int = 0
+    skipped_total: int = 0
+
+
+def lr_lambda(total: int, warmup: int, schedule: str):
+    """Multiplier of the peak lr at optimizer step s: linear warmup, then constant / linear / cosine decay."""
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        progress = (s - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return f
+
+
+def train(cfg: Config, run: RunData) -> Path:
+    """Train ``cfg.method`` on ``run``'s validated data; return the final model's directory."""
+    torch.set_flush_denormal(True)  # saturated sigmoids make denormals that slow CPU backward ~2x
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    console = Console(quiet=not main, highlight=False, soft_wrap=True)
+    run_dir, method, t = run.run_dir, Method(cfg.method), cfg.train
+    lock = RunLock(run_dir) if main else nullcontext()
+    with lock:
+        if main:
+            cleanup_stale_tmp(run_dir)
+        torch.manual_seed(t.seed)
+        model, tokenizer = load_policy(cfg.model, seed=t.seed)
+        model.to(accelerator.device)
+        prepared = prepare_data(cfg, run, tokenizer, num_processes=accelerator.num_processes)
+        for note in run.notes + prepared.notes:
+            console.print(note)
+        prepared.references = build_references(cfg, model, prepared, accelerator=accelerator, console=console)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+        steps_per_epoch = prepared.train.plan.num_steps
+        total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+        # not passed through accelerate.prepare: a prepared scheduler steps once per process (STACK.md)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, round(t.warmup_ratio * total),
+                                                                           t.schedule))
+        policy, optimizer = accelerator.prepare(LogpsModel(model, t.logps_chunk_size), optimizer)
+        step_fn = make_step(method, cfg.method_settings, kto_weights=prepared.kto_weights,
+                            reduce_mean=lambda x: accelerator.reduce(x, "mean"))
+        autocast = lambda: autocast_context(cfg.model.dtype, accelerator.device)  # noqa: E731
+        opts = collate_options(cfg, model)
+        pos = _resume(cfg, run_dir, model, optimizer, scheduler, console) if cfg.resume else Position()
+        metrics_file = _open_metrics(run_dir / "metrics.jsonl", pos.step, main)
+        last_good = latest_checkpoint(run_dir)
+
+        window, tokens, started = {}, 0, time.perf_counter()
+        bar = make_progress(console)
+        task = bar.add_task(f"{method.value}", total=total, completed=pos.step, info="")
+        with bar if main else nullcontext():
+            while pos.step < total:
+                # ---- forward / backward over the step's micro-batches
+                micro_batches = _step_batches(prepared, pos.step, cfg, accelerator.process_index, opts)
+                loss_sum = torch.zeros((), device=accelerator.device)
+                for m, batch in enumerate(micro_batches):
+                    batch = _with_retain(batch, prepared, pos.step, m, cfg, accelerator, opts)
+                    batch = batch.to(accelerator.device)
+                    last = m == len(micro_batches) - 1
+                    with (nullcontext() if last else accelerator.no_sync(policy)), autocast():
+                        loss, metrics = step_fn(policy, batch, prepared.references.get("train"))
+                    accelerator.backward(loss / len(micro_batches))
+                    loss_sum += loss.detach()
+                    tokens += batch.policy.num_tokens + (batch.kl.num_tokens if batch.kl else 0)
+                    for name, value in metrics.items():
+                        window[name] = window.get(name, 0) + value
+                # ---- clip, guard against NaN/Inf, update
+                grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                finite = bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))  # one sync per step
+                if finite:
+                    optimizer.step()
+                    pos.nonfinite = 0
+                else:
+                    pos.nonfinite += 1
+                    pos.skipped_total += 1
+                    console.print(f"[yellow]step {pos.step + 1}: non-finite loss or gradient; update skipped "
+                                  f"({pos.nonfinite} in a row)[/yellow]")
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                pos.step += 1
+                if pos.nonfinite >= t.max_nonfinite_steps:
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                    raise TrainingDiverged(f"training diverged: {pos.nonfinite} consecutive steps with a "
+                                           f"non-finite loss or gradient up to step {pos.step}; {where}; "
+                                           f"no final model was written (lower train.lr?)")
+                window["grad_norm"] = window.get("grad_norm", 0) + torch.stack(
+                    [grad_norm.detach().float().nan_to_num(0.0), torch.ones((), device=grad_norm.device)])
+                # ---- log, evaluate, checkpoint
+                if pos.step % t.log_every == 0 or pos.step == total:
+                    row = _reduce(window, accelerator)
+                    elapsed = time.perf_counter() - started
+                    row.update(step=pos.step, epoch=round(pos.step / steps_per_epoch, 4),
+                               lr=scheduler.get_last_lr()[0],
+                               tokens_per_s=tokens * accelerator.num_processes / max(elapsed, 1e-9))
+                    if main:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    bar.update(task, info=_brief(row))
+                    window, tokens, started = {}, 0, time.perf_counter()
+                if prepared.eval and (pos.step == total or (t.eval_every and pos.step % t.eval_every == 0)):
+                    row = evaluate(policy, prepared, step_fn, accelerator, opts, autocast, with_kl=method.needs_kl_pairs)
+                    row.update(step=pos.step)
+                    if main:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    console.print(f"eval @ step {pos.step}: " + _brief(row, prefix="eval/"))
+                if pos.step == total or (t.save_every and pos.step % t.save_every == 0):
+                    last_good = _save(run_dir, model, optimizer, scheduler, pos, cfg, accelerator)
+                bar.update(task, completed=pos.step)
+        metrics_file.close()
+        out = run_dir / "model"
+        if main:
+            save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.model.lora.merge)
+            console.print(f"model saved to {out}")
+        accelerator.wait_for_everyone()
+    return out
+
+
+def _step_batches(prepared: Prepared, step: int, cfg: Config, rank: int, opts: dict) -> list[Batch]:
+    """This process's micro-batches of global optimizer step ``step`` (epoch order seeded by epoch)."""
+    plan = prepared.train.plan
+    epoch, k = divmod(step, plan.num_steps)
+    indices = plan.steps[plan.epoch_order(epoch, cfg.train.seed)[k]][rank]
+    return [collate(prepared.train.records, mb, with_kl=Method(cfg.method).needs_kl_pairs, **opts)
+            for mb in indices]
+
+
+def _with_retain(batch: Batch, prepared: Prepared, step: int, m: int, cfg: Config, accelerator, opts) -> Batch:
+    """Attach the retain micro-batch that goes with forget micro-batch ``m`` of ``step`` (cycled)."""
+    if prepared.retain is None:
+        return batch
+    retain = prepared.retain.plan.micro_batches()
+    i = ((step * cfg.train.grad_accum + m) * accelerator.num_processes + accelerator.process_index) % len(retain)
+    batch.retain = collate(prepared.retain.records, retain[i], **opts).policy
+    return batch
+
+
+def evaluate(policy, prepared: Prepared, step_fn, accelerator, opts: dict, autocast, *, with_kl: bool) -> dict:
+    """Mean loss and metrics over the eval split, no gradients; keys prefixed ``eval/``."""
+    split: Split = prepared.eval
+    window: dict = {}
+    mbs = split.plan.micro_batches()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    with torch.no_grad():
+        for i in range(rank, len(mbs) - len(mbs) % world, world):
+            batch = collate(split.records, mbs[i], with_kl=with_kl, **opts)
+            if prepared.retain is not None:
+                retain = prepared.retain.plan.micro_batches()
+                batch.retain = collate(prepared.retain.records, retain[i % len(retain)], **opts).policy
+            with autocast():
+                _, metrics = step_fn(policy, batch.to(accelerator.device), prepared.references.get("eval"))
+            for name, value in metrics.items():
+                window[name] = window.get(name, 0) + value
+    return {f"eval/{k}": v for k, v in _reduce(window, accelerator).items()}
+
+
+def _reduce(window: dict, accelerator) -> dict:
+    """Average ``{name: [sum, count]}`` over the window and across processes (one reduce per log)."""
+    if not window:
+        return {}
+    names = sorted(window)
+    stacked = accelerator.reduce(torch.stack([window[n] for n in names]), "sum").cpu()
+    return {n: s / c if c > 0 else None for n, (s, c) in zip(names, stacked.tolist())}
+
+
+def _brief(row: dict, prefix: str = "") -> str:
+    keys = ["loss", "kl", "rewards/margins", "rewards/chosen", "rewards/rejected", "forget_loss", "retain_loss"]
+    parts = [f"{k}={row[prefix + k]:.4f}" for k in keys if row.get(prefix + k) is not None]
+    return " ".join(parts)
+
+
+def _open_metrics(path: Path, resumed_step: int, main: bool):
+    """metrics.jsonl for appending; on resume, rows after the checkpoint's step are dropped (they are redone)."""
+    if not main:
+        return open("/dev/null", "w")  # noqa: SIM115
+    if resumed_step and path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+        path.write_text("".join(line + "\n" for line in keep))
+    elif not resumed_step:
+        path.write_text("")
+    return path.open("a")
+
+
+def _trainable_state(model) -> dict:
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save(run_dir: Path, model, optimizer, scheduler, pos: Position, cfg: Config, accelerator) -> Path:
+    return save_checkpoint(run_dir, pos.step, model_state=_trainable_state(model), optimizer=optimizer,
+                           scheduler=scheduler, trainer_state={"step": pos.step, "nonfinite": pos.nonfinite,
+                                                               "skipped_total": pos.skipped_total},
+                           keep=cfg.train.keep_checkpoints, process_index=accelerator.process_index,
+                           num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
+
+
+def _resume(cfg: Config, run_dir: Path, model, optimizer, scheduler, console) -> Position:
+    """Load the newest complete checkpoint into model, optimizer, scheduler and RNG; its position."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        console.print(f"resume: no checkpoint in {run_dir}; starting from step 0")
+        return Position()
+    from accelerate.state import PartialState
+
+    state, trainer_state = load_checkpoint(path, optimizer=optimizer, scheduler=scheduler,
+                                           process_index=PartialState().process_index)
+    expected = _trainable_state(model)
+    if set(state) != set(expected):
+        raise UserError(f"checkpoint {path} holds other weights than this model trains "
+                        f"({len(set(state) ^ set(expected))} names differ); was model or LoRA config changed?")
+    with torch.no_grad():
+        for name, value in state.items():
+            expected[name].copy_(value)
+    console.print(f"resumed from {path} at step {trainer_state['step']}")
+    return Position(trainer_state["step"], trainer_state["nonfinite"], trainer_state["skipped_total"])
