@@ -13,3 +13,9 @@ def byte_tok():
     from halokit.data.tokenizer import byte_level_tokenizer
 
     return byte_level_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Reference caches go to a per-session temp dir, never to the user's ~/.cache."""
+    monkeypatch.setenv("HALOKIT_CACHE", str(tmp_path_factory.getbasetemp() / "halokit-cache"))

@@ -140,6 +140,28 @@ def test_restore_rng_replays_torch_python_and_numpy(tmp_path):
         assert restore_rng(path, process_index=1) is False
 
 
+def test_cuda_rng_states_round_trip(tmp_path, monkeypatch):
+    """CPU-only machine: fake two CUDA devices to check the list of their states is saved and set back."""
+    devices = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: devices)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    model, optimizer, scheduler = _setup(seed=0)
+    path = _save(tmp_path, 1, model, optimizer, scheduler)
+    restore_rng(path)
+    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, devices))
+
+
+def test_newer_format_is_refused(tmp_path):
+    model, optimizer, scheduler = _setup(seed=0)
+    path = _save(tmp_path, 1, model, optimizer, scheduler)
+    meta = json.loads((path / "trainer_state.json").read_text())
+    (path / "trainer_state.json").write_text(json.dumps({**meta, "format": checkpoint.FORMAT_VERSION + 1}))
+    with pytest.raises(UserError, match=f"{re.escape(str(path))} has format {checkpoint.FORMAT_VERSION + 1}"):
+        load_checkpoint(path, optimizer=optimizer, scheduler=scheduler)
+
+
 def test_keep_prunes_and_latest_ignores_incomplete_and_tmp(tmp_path):
     model, optimizer, scheduler = _setup(seed=0)
     for step in (1, 2, 3, 4):

@@ -25,7 +25,6 @@ from halokit.models import (
     weights_fingerprint,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 259  # the byte tokenizer's size
 
 

@@ -378,9 +378,10 @@ def load_checkpoint(
     if not (path / COMPLETE).is_file():
         raise UserError(f"{path} is not a complete halokit checkpoint (it has no {COMPLETE} marker)")
     meta = _read_checked(path, lambda: _read_state(path, "trainer_state"))
-    if meta.get("format", FORMAT_VERSION + 1) > FORMAT_VERSION:
-        raise UserError(f"checkpoint {path} was written by a newer halokit ({meta.get('halokit_version')}); "
-                        f"this is {halokit.__version__}")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION or "trainer_state" not in meta:
+        raise UserError(f"checkpoint {path} has format {fmt!r}, which halokit {halokit.__version__} cannot read "
+                        f"(it reads format {FORMAT_VERSION})")
     model_state = _read_checked(path, lambda: load_file(str(path / "model.safetensors")))
     optimizer_state = _read_checked(path, lambda: _read_state(path, "optimizer"))
     scheduler_state = _read_checked(path, lambda: _read_state(path, "scheduler"))
