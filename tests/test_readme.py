@@ -11,8 +11,6 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
-# Commands whose engine is still being built: they must fail cleanly (exit 2, no traceback) until it lands.
-NOT_BUILT_YET = ("halokit train ",)
 
 
 def halokit_lines():
@@ -30,9 +28,9 @@ def test_readme_commands_run(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "halokit", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert "Traceback" not in proc.stderr, line
-        expected = 2 if line.startswith(NOT_BUILT_YET) else 0
-        assert proc.returncode == expected, f"{line}\n{proc.stdout}\n{proc.stderr}"
+        assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
     assert (tmp_path / "runs/unpaired.jsonl").read_text().count("\n") == 128
+    assert (tmp_path / "runs/tiny-kto/model/model.safetensors").is_file()
 
 
 def test_readme_python_block_runs():

@@ -63,7 +63,15 @@ def lr_lambda(total: int, warmup: int, schedule: str):
 
 def train(cfg: Config, run: RunData) -> Path:
     """Train ``cfg.method`` on ``run``'s validated data; return the final model's directory."""
-    torch.set_flush_denormal(True)  # saturated sigmoids make denormals that slow CPU backward ~2x
+    # saturated sigmoids make denormals that slow CPU backward ~2x; the flag is process-wide, so undo it after
+    torch.set_flush_denormal(True)
+    try:
+        return _train(cfg, run)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(cfg: Config, run: RunData) -> Path:
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
     console = Console(quiet=not main, highlight=False, soft_wrap=True)
