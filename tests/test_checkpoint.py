@@ -9,7 +9,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,6 @@ from torch import nn
 
 from halokit import checkpoint
 from halokit.checkpoint import (
-    RunLock,
     cleanup_stale_tmp,
     latest_checkpoint,
     load_checkpoint,
@@ -336,35 +334,6 @@ def test_no_pickle_anywhere(tmp_path):
     source = Path(checkpoint.__file__).read_text()
     for banned in ("pickle", "torch.load", "torch.save"):
         assert banned not in source
-
-
-def test_run_lock_refuses_a_second_run_and_cleans_up(tmp_path):
-    lock_file = tmp_path / "run" / ".lock"
-    with RunLock(tmp_path / "run"):
-        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
-        with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path / 'run'))} is in use .*pid {os.getpid()}"):
-            with RunLock(tmp_path / "run"):
-                pass
-        assert lock_file.exists()  # the refused second lock must not remove the first
-    assert not lock_file.exists()
-
-
-def test_run_lock_takes_over_a_dead_process_lock(tmp_path):
-    dead_pid = 2**22 + 12345
-    (tmp_path / ".lock").write_text(json.dumps({"pid": dead_pid, "hostname": socket.gethostname(), "time": "x"}))
-    with pytest.warns(UserWarning, match=f"stale lock .* process {dead_pid}"):
-        with RunLock(tmp_path):
-            assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
-    assert not (tmp_path / ".lock").exists()
-
-
-def test_run_lock_from_another_host_or_unreadable_is_not_taken(tmp_path):
-    (tmp_path / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "hostname": "elsewhere", "time": "x"}))
-    with pytest.raises(UserError, match="pid 4206649 on elsewhere"):
-        RunLock(tmp_path).__enter__()
-    (tmp_path / ".lock").write_text("")
-    with pytest.raises(UserError, match="cannot be read"):
-        RunLock(tmp_path).__enter__()
 
 
 DISTRIBUTED_SCRIPT = """

@@ -12,13 +12,11 @@ import torch
 from halokit.config import LoraSettings, ModelSettings
 from halokit.data.tokenizer import byte_level_tokenizer
 from halokit.errors import UserError
+from halokit.lora import adapters_disabled, add_lora, has_adapters
 from halokit.models import (
-    adapters_disabled,
-    add_lora,
     autocast_context,
     build_tiny_model,
     frozen_copy,
-    has_adapters,
     load_model,
     load_policy,
     save_model,

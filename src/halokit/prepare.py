@@ -19,7 +19,8 @@ from halokit.data.tokenize import TokenizeSettings, encode_examples
 from halokit.errors import UserError
 from halokit.logprobs import LogpsModel
 from halokit.methods import Method, kto_weights
-from halokit.models import autocast_context, frozen_copy, has_adapters, weights_fingerprint
+from halokit.lora import has_adapters
+from halokit.models import autocast_context, frozen_copy, weights_fingerprint
 from halokit.reference import (
     CachedReference,
     ModelReference,

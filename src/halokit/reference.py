@@ -28,7 +28,7 @@ from torch import Tensor
 from halokit.data.collate import Batch, BatchPlan, collate
 from halokit.errors import UserError
 from halokit.logprobs import LogpsModel
-from halokit.models import adapters_disabled
+from halokit.lora import adapters_disabled
 
 Part = Literal["policy", "kl"]
 CACHE_FORMAT = "1"

@@ -19,7 +19,8 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from halokit.checkpoint import RunLock, cleanup_stale_tmp, latest_checkpoint, load_checkpoint, save_checkpoint
+from halokit.checkpoint import cleanup_stale_tmp, latest_checkpoint, load_checkpoint, save_checkpoint
+from halokit.lock import RunLock
 from halokit.config import Config
 from halokit.data.collate import Batch, collate
 from halokit.errors import UserError

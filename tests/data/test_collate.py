@@ -1,0 +1,225 @@
+"""The batch plan and the layout of sequences: golden tensors, packed == padded log-probs, plan invariances."""
+
+import pytest
+import torch
+
+from halokit.data.collate import collate, kl_pairs, layout, plan_batches, sequence_lengths
+from halokit.logprobs import LogpsModel
+from halokit.models import build_tiny_model
+
+V = 259  # the byte tokenizer's vocabulary
+
+# Four sequences (prompt ids, completion ids), slots 0..3, of lengths 5, 3, 7, 2.
+PAIRS = [([10, 11], [12, 13, 14]), ([20], [21, 22]), ([30, 31, 32], [33, 34, 35, 36]), ([40], [41])]
+
+
+def random_pairs(lengths, seed=0):
+    """(prompt, completion) per (P, C) in ``lengths``: BOS, random bytes, EOS-terminated completion."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, V, (n,), generator=g).tolist()  # noqa: E731
+    return [([1] + ids(p - 1), ids(c - 1) + [2]) for p, c in lengths]
+
+
+# ------------------------------------------------------------------------------------------- layout
+def test_packed_layout_golden():
+    """First fit decreasing into rows of 8: C(7) opens row 0 (1 free), A(5) opens row 1, B(3) fills
+    row 1, D(2) fits neither and opens row 2. Width = the fullest row (8). Each row's rest is one
+    padding block whose positions restart at 0 and that is never in the completion mask; its
+    sequence_ids are 0 but never read (no completion token there)."""
+    seq = layout(PAIRS, pad_id=9, packing=True, row_tokens=8)
+    P = 9
+    assert torch.equal(seq.input_ids, torch.tensor([
+        [30, 31, 32, 33, 34, 35, 36, P],
+        [10, 11, 12, 13, 14, 20, 21, 22],
+        [40, 41, P, P, P, P, P, P],
+    ]))
+    assert torch.equal(seq.position_ids, torch.tensor([
+        [0, 1, 2, 3, 4, 5, 6, 0],
+        [0, 1, 2, 3, 4, 0, 1, 2],
+        [0, 1, 0, 1, 2, 3, 4, 5],
+    ]))
+    assert torch.equal(seq.completion_mask, torch.tensor([
+        [0, 0, 0, 1, 1, 1, 1, 0],
+        [0, 0, 1, 1, 1, 0, 1, 1],
+        [0, 1, 0, 0, 0, 0, 0, 0],
+    ], dtype=torch.bool))
+    assert torch.equal(seq.sequence_ids, torch.tensor([
+        [2, 2, 2, 2, 2, 2, 2, 0],
+        [0, 0, 0, 0, 0, 1, 1, 1],
+        [3, 3, 0, 0, 0, 0, 0, 0],
+    ]))
+    assert seq.attention_mask is None
+    assert (seq.num_sequences, seq.num_tokens) == (4, 17)
+    assert not seq.completion_mask[seq.input_ids == P].any()
+    for dtype, t in [(torch.long, seq.input_ids), (torch.long, seq.position_ids), (torch.long, seq.sequence_ids)]:
+        assert t.dtype == dtype
+
+
+def test_packed_row_grows_to_fit_a_sequence_longer_than_row_tokens():
+    """A sequence longer than row_tokens gets a row of its own length; the others still pack."""
+    seq = layout(PAIRS, pad_id=0, packing=True, row_tokens=4)
+    # capacity 7: C(7) | A(5) + D(2) | B(3) + a padding block of 4
+    assert seq.input_ids.shape == (3, 7)
+    assert seq.input_ids.tolist() == [[30, 31, 32, 33, 34, 35, 36], [10, 11, 12, 13, 14, 40, 41],
+                                      [20, 21, 22, 0, 0, 0, 0]]
+    assert seq.sequence_ids[1].tolist() == [0, 0, 0, 0, 0, 3, 3]
+    assert seq.position_ids[2].tolist() == [0, 1, 2, 0, 1, 2, 3]
+
+
+def test_padded_layout_pads_to_the_batch_max_with_an_attention_mask():
+    seq = layout(PAIRS, pad_id=9, packing=False, row_tokens=2048)
+    assert seq.input_ids.shape == (4, 7)  # the longest sequence here, not row_tokens
+    assert torch.equal(seq.input_ids, torch.tensor([
+        [10, 11, 12, 13, 14, 9, 9],
+        [20, 21, 22, 9, 9, 9, 9],
+        [30, 31, 32, 33, 34, 35, 36],
+        [40, 41, 9, 9, 9, 9, 9],
+    ]))
+    assert torch.equal(seq.attention_mask, torch.tensor([
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1],
+        [1, 1, 0, 0, 0, 0, 0],
+    ]))
+    assert torch.equal(seq.completion_mask, torch.tensor([
+        [0, 0, 1, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 1],
+        [0, 1, 0, 0, 0, 0, 0],
+    ], dtype=torch.bool))
+    assert torch.equal(seq.position_ids, torch.arange(7).expand(4, 7))
+    assert seq.sequence_ids is None
+    assert (seq.num_sequences, seq.num_tokens) == (4, 17)
+    # another micro-batch of shorter sequences gets a narrower tensor: no global max_length
+    assert layout(PAIRS[1::2], pad_id=9, packing=False).input_ids.shape == (2, 3)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_and_padded_layouts_give_the_same_logps(attn):
+    """sequence_logps on the packed rows (no mask, restarting positions) equals the padded rows (mask)."""
+    pairs = random_pairs([(5, 4), (3, 8), (8, 2), (2, 3), (4, 4), (6, 1)])
+    model = LogpsModel(build_tiny_model(vocab_size=V, seed=0, attn_implementation=attn))
+    packed = layout(pairs, pad_id=0, packing=True, row_tokens=16)
+    padded = layout(pairs, pad_id=0, packing=False)
+    assert packed.input_ids.shape[0] < len(pairs)  # some row really holds several sequences
+    with torch.no_grad():
+        a, b = model(packed), model(padded)
+    assert a.sums.dtype == torch.float32
+    assert a.counts.tolist() == b.counts.tolist() == [c for _, c in [(5, 4), (3, 8), (8, 2), (2, 3), (4, 4), (6, 1)]]
+    torch.testing.assert_close(a.sums, b.sums, rtol=1e-5, atol=1e-5)
+    assert (a.sums < 0).all()
+
+
+# ------------------------------------------------------------------------------------------ KL pairs
+def test_kl_pairs_shift_completions_by_one():
+    prompts, completions = [[1], [2], [3]], [[10], [20], [30]]
+    assert kl_pairs(prompts, completions) == [([1], [20]), ([2], [30]), ([3], [10])]
+    assert kl_pairs(prompts[:2], completions[:2]) == [([1], [20]), ([2], [10])]
+    with pytest.raises(ValueError, match="at least 2"):
+        kl_pairs([[1]], [[10]])
+
+
+def test_collate_builds_kl_pairs_and_labels():
+    records = [{"prompt_ids": p, "completion_ids": c, "is_desirable": i % 2 == 0} for i, (p, c) in enumerate(PAIRS)]
+    batch = collate(records, [2, 0, 3], with_kl=True, pad_id=0, packing=False)
+    assert batch.index.tolist() == [2, 0, 3]
+    assert batch.is_desirable.tolist() == [True, True, False]
+    # policy: (x_2, y_2), (x_0, y_0), (x_3, y_3); kl: (x_2, y_0), (x_0, y_3), (x_3, y_2)
+    expect_policy = [[30, 31, 32, 33, 34, 35, 36], [10, 11, 12, 13, 14, 0, 0], [40, 41, 0, 0, 0, 0, 0]]
+    expect_kl = [[30, 31, 32, 12, 13, 14], [10, 11, 41, 0, 0, 0], [40, 33, 34, 35, 36, 0]]
+    assert batch.policy.input_ids.tolist() == expect_policy
+    assert batch.kl.input_ids.tolist() == expect_kl
+    assert batch.kl.completion_mask.sum(1).tolist() == [3, 1, 4]
+    with pytest.raises(ValueError, match="at least 2"):
+        collate(records, [1], with_kl=True)
+    assert collate(records, [0, 1]).kl is None
+
+
+def test_collate_of_pairs_gives_2b_sequences_chosen_first():
+    records = [{"prompt_ids": [1, 100 + i], "chosen_ids": [50 + i, 2], "rejected_ids": [60 + i, 61, 2]}
+               for i in range(3)]
+    batch = collate(records, [2, 0], pad_id=0, packing=False)
+    assert batch.num_examples == 2 and batch.policy.num_sequences == 4
+    assert batch.policy.input_ids.tolist() == [
+        [1, 102, 52, 2, 0], [1, 100, 50, 2, 0],  # chosen of examples 2, 0
+        [1, 102, 62, 61, 2], [1, 100, 60, 61, 2],  # then their rejected
+    ]
+    assert batch.policy.completion_mask.sum(1).tolist() == [2, 2, 3, 3]
+    assert batch.is_desirable is None and batch.kl is None
+    packed = collate(records, [2, 0], pad_id=0, packing=True, row_tokens=64)
+    assert packed.policy.input_ids.tolist() == [[1, 102, 62, 61, 2, 1, 100, 60, 61, 2, 1, 102, 52, 2, 1, 100, 50, 2]]
+    assert packed.policy.sequence_ids.tolist() == [[2] * 5 + [3] * 5 + [0] * 4 + [1] * 4]
+
+
+def test_sequence_lengths():
+    records = [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]},
+               {"prompt_ids": [1], "chosen_ids": [4, 5, 6], "rejected_ids": [7]},
+               {"prompt_ids": [1, 2], "chosen_ids": [4], "rejected_ids": [7, 8, 9, 10]}]
+    assert sequence_lengths(records) == [5, 4, 6]
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def lengths_of(n, seed=3):
+    return torch.randint(4, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_plan_covers_each_example_at_most_once_and_drops_the_remainder():
+    n = 37
+    plan = plan_batches(lengths_of(n), micro_batch_size=4, grad_accum=2, num_processes=1, seed=5)
+    planned = [i for mb in plan.micro_batches() for i in mb]
+    assert len(planned) == len(set(planned)) == 32
+    assert len(plan.dropped) == 5 and list(plan.dropped) == sorted(plan.dropped)
+    assert set(planned) | set(plan.dropped) == set(range(n)) and not set(planned) & set(plan.dropped)
+    assert plan.num_steps == 4
+
+
+def test_plan_shapes_are_steps_ranks_micro_batches():
+    plan = plan_batches(lengths_of(50), micro_batch_size=3, grad_accum=2, num_processes=4, seed=0)
+    assert plan.num_steps == 50 // 24 == 2
+    for step in plan.steps:
+        assert len(step) == 4
+        for rank in step:
+            assert len(rank) == 2 and all(len(mb) == 3 for mb in rank)
+    assert len(plan.micro_batches()) == 2 * 4 * 2
+
+
+def test_plan_buckets_by_length():
+    """One window (bucket_steps ≥ steps): the step batches are consecutive slices of the sorted lengths."""
+    lengths = lengths_of(40)
+    plan = plan_batches(lengths, micro_batch_size=4, grad_accum=2, seed=1, bucket_steps=16)
+    step_lengths = [sorted(lengths[i] for rank in step for mb in rank for i in mb) for step in plan.steps]
+    assert [x for s in step_lengths for x in s] == sorted(lengths[i] for i in range(40) if i not in plan.dropped)
+
+
+def test_a_steps_examples_do_not_depend_on_the_split_into_micro_batches_and_processes():
+    """The invariance the engine relies on: (mbs 8, accum 1, 1 proc) == (4, 2, 1) == (4, 1, 2)."""
+    lengths = lengths_of(70)
+
+    def step_sets(mbs, accum, procs):
+        plan = plan_batches(lengths, micro_batch_size=mbs, grad_accum=accum, num_processes=procs, seed=11)
+        return [sorted(i for rank in step for mb in rank for i in mb) for step in plan.steps], plan.dropped
+
+    a, b, c = step_sets(8, 1, 1), step_sets(4, 2, 1), step_sets(4, 1, 2)
+    assert a == b == c
+    assert len(a[0]) == 8 and all(len(s) == 8 for s in a[0])
+    assert step_sets(8, 1, 1) == a  # reproducible
+    other_seed = plan_batches(lengths, micro_batch_size=8, seed=12)
+    assert [sorted(i for r in s for mb in r for i in mb) for s in other_seed.steps] != a[0]
+
+
+def test_plan_is_reproducible_and_refuses_too_few_examples():
+    lengths = lengths_of(30)
+    assert plan_batches(lengths, micro_batch_size=4, seed=2) == plan_batches(lengths, micro_batch_size=4, seed=2)
+    with pytest.raises(ValueError, match="cannot fill one optimizer step of 16"):
+        plan_batches(lengths[:15], micro_batch_size=4, grad_accum=2, num_processes=2)
+
+
+def test_epoch_order_is_a_reproducible_permutation_that_changes_per_epoch():
+    plan = plan_batches(lengths_of(96), micro_batch_size=4, seed=0)
+    assert plan.num_steps == 24
+    orders = [plan.epoch_order(e, seed=7) for e in range(3)]
+    for order in orders:
+        assert sorted(order) == list(range(24))
+    assert orders[0] != orders[1] != orders[2] != orders[0]
+    assert plan.epoch_order(1, seed=7) == orders[1]
+    assert plan.epoch_order(0, seed=8) != orders[0]
