@@ -149,7 +149,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = prepare_run(cfg)
     save_config(cfg, run.run_dir)
     print(run.describe())
+    from transformers.utils import logging as hf_logging
+
     from halokit.train import train
+
+    hf_logging.disable_progress_bar()  # halokit shows its own progress
 
     train(cfg, run)
     return 0

@@ -18,8 +18,8 @@ from halokit.data.examples import FeedbackExample, ForgetExample, PreferenceExam
 from halokit.data.tokenize import TokenizeSettings, encode_examples
 from halokit.errors import UserError
 from halokit.logprobs import LogpsModel
-from halokit.methods import Method, kto_weights
 from halokit.lora import has_adapters
+from halokit.methods import Method, kto_weights
 from halokit.models import autocast_context, frozen_copy, weights_fingerprint
 from halokit.reference import (
     CachedReference,
@@ -189,8 +189,8 @@ def _cached_tables(cfg, method, live, split: Split, weights: str, cache_dir: Pat
         console.print(f"reference ({name}): reusing cached log-probs from {path}; the reference model is not run")
         return tables
     batches = split.plan.micro_batches()
-    with progress_bar(f"reference log-probs ({name})", total=len(batches),
-                      enabled=accelerator.is_main_process, console=console) as advance:
+    mine = len(batches[accelerator.process_index::accelerator.num_processes])
+    with progress_bar(f"reference log-probs ({name})", total=mine, enabled=accelerator.is_main_process, console=console) as advance:
         tables = compute_tables(live, split.records, batches, with_kl=method.needs_kl_pairs,
                                 collate_opts=collate_opts, device=accelerator.device,
                                 process_index=accelerator.process_index,

@@ -20,10 +20,10 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from halokit.checkpoint import cleanup_stale_tmp, latest_checkpoint, load_checkpoint, save_checkpoint
-from halokit.lock import RunLock
-from halokit.config import Config
+from halokit.config import Config, to_dict
 from halokit.data.collate import Batch, collate
 from halokit.errors import UserError
+from halokit.lock import RunLock
 from halokit.logprobs import LogpsModel
 from halokit.methods import Method
 from halokit.models import autocast_context, load_policy, save_model
@@ -73,10 +73,11 @@ def train(cfg: Config, run: RunData) -> Path:
 
 
 def _train(cfg: Config, run: RunData) -> Path:
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    run_dir, method, t = run.run_dir, Method(cfg.method), cfg.train
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=_trackers(t.trackers),
+                              project_dir=str(run_dir))
     main = accelerator.is_main_process
     console = Console(quiet=not main, highlight=False, soft_wrap=True)
-    run_dir, method, t = run.run_dir, Method(cfg.method), cfg.train
     lock = RunLock(run_dir) if main else nullcontext()
     with lock:
         if main:
@@ -103,6 +104,15 @@ def _train(cfg: Config, run: RunData) -> Path:
         opts = collate_options(cfg, model)
         pos = _resume(cfg, run_dir, model, optimizer, scheduler, console) if cfg.resume else Position()
         metrics_file = _open_metrics(run_dir / "metrics.jsonl", pos.step, main)
+        if t.trackers:
+            accelerator.init_trackers("halokit", config=_flat(to_dict(cfg)))
+
+        def log(row: dict) -> None:
+            if main:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            if t.trackers:
+                accelerator.log({k: v for k, v in row.items() if v is not None}, step=row["step"])
         last_good = latest_checkpoint(run_dir)
 
         window, tokens, started = {}, 0, time.perf_counter()
@@ -152,22 +162,20 @@ def _train(cfg: Config, run: RunData) -> Path:
                     row.update(step=pos.step, epoch=round(pos.step / steps_per_epoch, 4),
                                lr=scheduler.get_last_lr()[0],
                                tokens_per_s=tokens * accelerator.num_processes / max(elapsed, 1e-9))
-                    if main:
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
+                    log(row)
                     bar.update(task, info=_brief(row))
                     window, tokens, started = {}, 0, time.perf_counter()
                 if prepared.eval and (pos.step == total or (t.eval_every and pos.step % t.eval_every == 0)):
                     row = evaluate(policy, prepared, step_fn, accelerator, opts, autocast, with_kl=method.needs_kl_pairs)
                     row.update(step=pos.step)
-                    if main:
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
+                    log(row)
                     console.print(f"eval @ step {pos.step}: " + _brief(row, prefix="eval/"))
                 if pos.step == total or (t.save_every and pos.step % t.save_every == 0):
                     last_good = _save(run_dir, model, optimizer, scheduler, pos, cfg, accelerator)
                 bar.update(task, completed=pos.step)
         metrics_file.close()
+        if t.trackers:
+            accelerator.end_training()
         out = run_dir / "model"
         if main:
             save_model(accelerator.unwrap_model(policy).model, tokenizer, out, merge_lora=cfg.model.lora.merge)
@@ -220,7 +228,37 @@ def _reduce(window: dict, accelerator) -> dict:
         return {}
     names = sorted(window)
     stacked = accelerator.reduce(torch.stack([window[n] for n in names]), "sum").cpu()
-    return {n: s / c if c > 0 else None for n, (s, c) in zip(names, stacked.tolist())}
+    row = {n: s / c if c > 0 else None for n, (s, c) in zip(names, stacked.tolist())}
+    if "rewards/margins" not in row and row.get("rewards/chosen") is not None \
+            and row.get("rewards/rejected") is not None:  # unpaired: difference of the two class means
+        row["rewards/margins"] = row["rewards/chosen"] - row["rewards/rejected"]
+    return row
+
+
+def _trackers(names: list[str]) -> list[str] | None:
+    """accelerate trackers to log to, after checking each is installed (a clear error otherwise)."""
+    import importlib.util
+
+    for name in names:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                  "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}.get(name)
+        if module is None:
+            raise UserError(f"train.trackers: unknown tracker {name!r}; use tensorboard, wandb, mlflow, comet_ml, "
+                            f"aim, clearml or dvclive")
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"train.trackers: {name} is not installed (pip install {module})")
+    return names or None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested config -> flat ``{"train.lr": 1e-5}`` with scalar values, as trackers expect."""
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 def _brief(row: dict, prefix: str = "") -> str:

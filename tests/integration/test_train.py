@@ -129,3 +129,35 @@ def test_divergence_stops_without_writing_nan_weights(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert code == 2 and "training diverged" in err and "the last good checkpoint is" in err
     assert not (run / "model").exists()
+
+
+def test_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo, DDP) × micro-batch 4 takes the same first step as 1 process × 8:
+    the gradients are averaged across ranks and KTO's z₀ (0 at the first step) is reduced across them."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    common = [recipe("kto"), "train.max_steps=1", "train.warmup_ratio=0"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "halokit", "train", *common,
+                          "train.micro_batch_size=4", f"output_dir={tmp_path / 'two'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "halokit", "train", *common, "train.micro_batch_size=8",
+                          f"output_dir={tmp_path / 'one'}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert rows(tmp_path / "two")[0]["loss"] == pytest.approx(rows(tmp_path / "one")[0]["loss"], rel=1e-6)
+
+
+def test_eval_split_and_bf16(tmp_path, monkeypatch):
+    """A held-out share of the data is evaluated every N steps; bf16 autocast trains with finite metrics."""
+    monkeypatch.chdir(ROOT)
+    run = tmp_path / "ev"
+    assert main(["train", recipe("dpo"), "train.max_steps=4", "data.eval_fraction=0.25", "train.eval_every=2",
+                 "model.dtype=bfloat16", f"output_dir={run}"]) == 0
+    log = rows(run)
+    evals = [r for r in log if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(torch.isfinite(torch.tensor(r["eval/loss"])) for r in evals)
+    assert {"rewards/margins", "rewards/accuracies", "grad_norm", "lr", "tokens_per_s"} <= set(log[0])
