@@ -286,7 +286,8 @@ def _trainable_state(model) -> dict:
 def _save(run_dir: Path, model, optimizer, scheduler, pos: Position, cfg: Config, accelerator) -> Path:
     return save_checkpoint(run_dir, pos.step, model_state=_trainable_state(model), optimizer=optimizer,
                            scheduler=scheduler, trainer_state={"step": pos.step, "nonfinite": pos.nonfinite,
-                                                               "skipped_total": pos.skipped_total},
+                                                               "skipped_total": pos.skipped_total,
+                                                               "config": to_dict(cfg)},
                            keep=cfg.train.keep_checkpoints, process_index=accelerator.process_index,
                            num_processes=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
 
