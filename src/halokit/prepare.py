@@ -212,4 +212,4 @@ def collate_options(cfg: Config, model: torch.nn.Module) -> dict:
     if isinstance(pad_id, list):
         pad_id = pad_id[0]
     return {"pad_id": int(pad_id), "packing": cfg.train.packing,
-            "row_tokens": max(cfg.data.max_length, 2048)}
+            "row_tokens": cfg.data.max_length}  # attention costs L² per row: rows no longer than a sequence may be
