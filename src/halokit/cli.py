@@ -71,18 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keys", action="store_true", help="list every config key with its default and exit")
     train.set_defaults(handler=cmd_train, command="train")
 
-    demo = sub.add_parser("demo", parents=[common], help="the whole KTO pipeline offline, with a report")
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.set_defaults(handler=_not_built("demo", "the demo issue"), command="demo")
+    demo = sub.add_parser("demo", parents=[common], help="the whole KTO pipeline offline, with a report",
+                          description="Binary feedback to a better model, offline: SFT a small model, sample it, "
+                                      "label the samples with a rule-based judge, align with KTO (and DPO, CSFT) "
+                                      "in three scenarios, evaluate, and write a report.")
+    demo.add_argument("--out", help="run directory (default: runs/demo-<timestamp>); a rerun resumes it")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the task, models and sampling")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes), for tests")
+    demo.set_defaults(handler=cmd_demo, command="demo")
 
-    ev = sub.add_parser("eval", parents=[common], help="sample and score a model; unlearning metrics")
-    ev.add_argument("model", nargs="?", help="model directory")
-    ev.set_defaults(handler=_not_built("eval", "the evaluation work (demo and unlearning issues)"),
-                    command="eval")
+    ev = sub.add_parser("eval", parents=[common], help="sample and score a model on prompts",
+                        description="Greedy and sampled desirable rate, judge score, KL to a reference model "
+                                    "and mean length of a saved model on held-out prompts.")
+    ev.add_argument("--model", required=True, help="model directory (a run's model/ folder)")
+    ev.add_argument("--task", choices=["demo"], help="the built-in task's held-out prompts and judge")
+    ev.add_argument("--prompts", help="a file of prompts (any halokit format; its prompt column is used)")
+    ev.add_argument("--judge", default=None, help="'demo' or module:function taking (prompt, response)")
+    ev.add_argument("--reference", help="model directory to measure KL against (e.g. the SFT model)")
+    ev.add_argument("--samples", type=int, default=4, help="sampled responses per prompt")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many prompts")
+    ev.add_argument("--out", help="write the metrics as JSON here")
+    ev.set_defaults(handler=cmd_eval, command="eval")
 
     report = sub.add_parser("report", parents=[common], help="plots and a report from a run directory")
-    report.add_argument("run_dir", nargs="?", help="run directory with metrics.jsonl")
-    report.set_defaults(handler=_not_built("report", "the demo issue"), command="report")
+    report.add_argument("run_dir", help="a training run (metrics.jsonl) or a demo directory (results.json)")
+    report.set_defaults(handler=cmd_report, command="report")
 
     unlearn = sub.add_parser("unlearn", parents=[common], help="the TOFU-style unlearning benchmark")
     unlearn.add_argument("action", nargs="?", choices=["bench"], help="what to run")
@@ -156,6 +169,70 @@ def cmd_train(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()  # halokit shows its own progress
 
     train(cfg, run)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ demo, eval, report
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from transformers.utils import logging as hf_logging
+
+    from halokit.demo import DemoSettings, run_demo
+
+    hf_logging.disable_progress_bar()
+    settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings(seed=args.seed)
+    out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_demo(out, settings)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from halokit.evaluate import evaluate_model, load_judge
+    from halokit.models import load_model, load_tokenizer
+
+    if (args.task is None) == (args.prompts is None):
+        raise UserError("give either --task demo or --prompts FILE (with --judge)")
+    kinds = None
+    if args.task == "demo":
+        from halokit.tasks import demo_task
+
+        _, heldout = demo_task.prompt_pools(0)
+        prompts = [demo_task.chat(p.text) for p in heldout]
+        kinds = [p.kind for p in heldout]
+        judge = load_judge(args.judge or "demo")
+    else:
+        if args.judge is None:
+            raise UserError("--prompts needs --judge (demo or module:function)")
+        from halokit.data.load import detect_format, load_examples
+
+        loaded = load_examples(args.prompts, detect_format(args.prompts), on_bad_row="skip")
+        prompts = list(dict.fromkeys(e.prompt for e in loaded.examples))
+        judge = load_judge(args.judge)
+    if args.limit:
+        prompts, kinds = prompts[:args.limit], kinds and kinds[:args.limit]
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    reference = load_model(args.reference) if args.reference else None
+    metrics = evaluate_model(model, tok, prompts, judge, reference=reference, num_samples=args.samples,
+                             kinds=kinds)
+    g, sm = metrics["desirable_greedy"], metrics["desirable_sampled"]
+    print(f"{args.model}: {len(prompts)} prompts; desirable greedy {100 * g['mean']:.1f} % "
+          f"[{100 * g['ci'][0]:.1f}, {100 * g['ci'][1]:.1f}], sampled {100 * sm['mean']:.1f} %, "
+          f"judge score {metrics['judge_score']:.3f}, mean length {metrics['mean_length']:.1f}"
+          + (f", KL to reference {metrics['kl_to_sft']:.3f}" if reference is not None else ""))
+    if "per_category" in metrics:
+        print("  " + ", ".join(f"{k}: {100 * v:.1f} %" for k, v in metrics["per_category"].items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from halokit.report import write_report
+
+    paths = write_report(args.run_dir)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
     return 0
 
 

@@ -49,3 +49,31 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + n)
             n += 1
     return dict(zip(printable, map(chr, chars)))
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int = 1000) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts`` (digits always split one per token, so numbers
+    stay learnable), with the same special tokens and chat template as :func:`byte_level_tokenizer`.
+
+    Ids 0–2 are ``<pad>``, ``<s>``, ``</s>``; the chat markers ``<|user|>``, ``<|assistant|>`` and
+    ``<|system|>`` are single tokens. Deterministic for the same texts.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    markers = ["<|user|>", "<|assistant|>", "<|system|>"]
+    core = Tokenizer(models.BPE(unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS) + markers,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(texts, trainer=trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                        special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=markers)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

@@ -1,0 +1,228 @@
+"""``halokit demo``: binary feedback → a better model, end to end, offline, with a report.
+
+Stages (each cached in the run directory; a rerun skips what is done):
+1. a BPE tokenizer trained on the task's text, and the demonstration set (tasks/demo_task.py);
+2. SFT of a small Llama-style model built from a config;
+3. the SFT model samples answers to fresh prompts; the rule-based judge labels them → ``feedback.jsonl``;
+4. KTO on the labels, DPO on the pairs they contain, CSFT on the thumbs-up — in three scenarios:
+   balanced feedback, scarce thumbs-up (90 % of the desirable samples dropped), noisy labels (20 % flipped);
+5. every model evaluated on held-out prompts (desirable rate greedy and sampled, judge score, KL to SFT);
+6. ``results.json``, ``report.md``/``report.html`` with plots, and a table on the console.
+Every training stage is an ordinary ``halokit train`` run with its own directory and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from halokit.config import load_config, save_config
+from halokit.data.convert import feedback_to_pairs, write_examples
+from halokit.data.examples import FeedbackExample
+from halokit.tasks import demo_task
+
+SCENARIOS = ("balanced", "scarce", "noisy")
+METHODS = ("kto", "dpo", "csft")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and hyper-parameters of the demo (``quick`` shrinks them for tests)."""
+
+    seed: int = 0
+    model: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 4,
+                                                 "num_attention_heads": 4, "num_key_value_heads": 4,
+                                                 "intermediate_size": 256})
+    n_demos: int = 6000
+    sft_steps: int = 400
+    sft_batch: int = 64
+    sft_lr: float = 2e-3
+    feedback_prompts: int = 600
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    align_steps: int = 120
+    align_epochs: float = 3.0
+    align_batch: int = 32
+    kto_beta: float = 0.5
+    kto_lr: float = 2e-4
+    dpo_beta: float = 0.5
+    dpo_lr: float = 1e-4
+    csft_lr: float = 2e-4
+    scarce_keep: float = 0.1
+    noise: float = 0.2
+    eval_per_kind: int = 100
+    eval_samples: int = 4
+    max_new_tokens: int = 40
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoSettings:
+        return cls(seed=seed, model={"hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+                                     "num_key_value_heads": 4, "intermediate_size": 192},
+                   n_demos=2400, sft_steps=250, feedback_prompts=200, samples_per_prompt=4, align_steps=60,
+                   eval_per_kind=30, eval_samples=2)
+
+
+def run_demo(out: str | Path, settings: DemoSettings, console: Console | None = None) -> dict:
+    """Run (or resume) the whole demo in ``out``; returns the results dict also written to results.json."""
+    console = console or Console(highlight=False, soft_wrap=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    s = settings
+    (out / "demo_settings.json").write_text(json.dumps(asdict(s), indent=1))
+    train_pool, heldout_pool = demo_task.prompt_pools(s.seed)
+    tokenizer_dir = _tokenizer(out)
+    demos = out / "demonstrations.jsonl"
+    if not demos.is_file():
+        write_examples(demo_task.demonstrations(train_pool, s.n_demos, seed=s.seed), demos)
+
+    console.rule("[bold]1. SFT on demonstrations")
+    sft_dir = _train(out / "sft", console, [
+        "method=sft", f"data.train={demos}", f"model.tiny={json.dumps(s.model)}", f"model.tokenizer={tokenizer_dir}",
+        f"train.max_steps={s.sft_steps}", f"train.micro_batch_size={s.sft_batch}", f"train.lr={s.sft_lr}",
+        "train.schedule=cosine", "train.warmup_ratio=0.05", "train.log_every=25", f"train.seed={s.seed}"])
+
+    console.rule("[bold]2. The SFT model answers fresh prompts; the judge gives thumbs up or down")
+    feedback = _feedback(out, sft_dir, train_pool, s, console)
+    notes = [f"feedback: {len(feedback)} samples, {sum(e.is_desirable for e in feedback)} desirable "
+             f"({100 * sum(e.is_desirable for e in feedback) / len(feedback):.1f} %)"]
+
+    console.rule("[bold]3. Alignment: KTO, DPO and CSFT in three scenarios")
+    runs = {"sft": out / "sft"}
+    for scenario in SCENARIOS:
+        data = _scenario(feedback, scenario, s)
+        fb_file, pair_file = out / f"feedback-{scenario}.jsonl", out / f"pairs-{scenario}.jsonl"
+        pairs = feedback_to_pairs(data)
+        write_examples(data, fb_file)
+        write_examples(pairs, pair_file)
+        n_d = sum(e.is_desirable for e in data)
+        notes.append(f"{scenario}: {len(data)} labels ({n_d} desirable), {len(pairs)} DPO pairs")
+        for method in METHODS:
+            n = {"kto": len(data), "dpo": len(pairs), "csft": n_d}[method]
+            steps = max(1, min(s.align_steps, math.ceil(s.align_epochs * n / s.align_batch)))
+            lr = {"kto": s.kto_lr, "dpo": s.dpo_lr, "csft": s.csft_lr}[method]
+            extra = {"kto": [f"kto.beta={s.kto_beta}"], "dpo": [f"dpo.beta={s.dpo_beta}"], "csft": []}[method]
+            if len(pairs) < s.align_batch and method == "dpo":
+                notes.append(f"{scenario}/dpo: only {len(pairs)} pairs, fewer than one batch; skipped")
+                continue
+            runs[f"{scenario}/{method}"] = _train(out / f"{scenario}-{method}", console, [
+                f"method={method}", f"data.train={pair_file if method == 'dpo' else fb_file}",
+                f"model.path={sft_dir}", f"train.max_steps={steps}", f"train.micro_batch_size={s.align_batch}",
+                f"train.lr={lr}", "train.warmup_ratio=0.1", "train.log_every=5", f"train.seed={s.seed}",
+                *extra]).parent
+
+    console.rule("[bold]4. Evaluation on held-out prompts")
+    results = _evaluate_all(out, runs, heldout_pool, s, console)
+    results["notes"] = notes + [f"total time {time.perf_counter() - started:.0f} s"]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    from halokit.report import print_results, write_report
+
+    paths = write_report(out)
+    print_results(results, console=console)
+    console.print(f"report: {paths['report.md']} and {paths['report.html']}")
+    return results
+
+
+def _tokenizer(out: Path) -> Path:
+    from halokit.data.tokenizer import train_bpe_tokenizer
+
+    path = out / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        train_bpe_tokenizer(demo_task.corpus(), vocab_size=1000).save_pretrained(str(path))
+    return path
+
+
+def _train(run_dir: Path, console: Console, overrides: list[str]) -> Path:
+    """One ``halokit train`` run, skipped when its final model exists already."""
+    from halokit.run import prepare_run
+    from halokit.train import train
+
+    model_dir = run_dir / "model"
+    if (model_dir / "config.json").is_file():
+        console.print(f"{run_dir.name}: done earlier, reusing {model_dir}")
+        return model_dir
+    cfg = load_config(None, [*overrides, f"output_dir={run_dir}", "data.max_length=96",
+                             "data.max_prompt_length=48"])
+    run = prepare_run(cfg)
+    save_config(cfg, run.run_dir)
+    console.print(f"[bold]{run_dir.name}[/bold]: {cfg.method}, {cfg.train.max_steps} steps")
+    return train(cfg, run)
+
+
+def _feedback(out: Path, sft_dir: Path, pool, s: DemoSettings, console: Console) -> list[FeedbackExample]:
+    from halokit.data.load import load_examples
+    from halokit.evaluate import generate
+    from halokit.models import load_model, load_tokenizer
+    from halokit.progress import progress_bar
+
+    path = out / "feedback.jsonl"
+    if path.is_file():
+        return load_examples(path, "feedback").examples
+    prompts = demo_task.sample_prompts(pool, s.feedback_prompts, seed=s.seed + 7)
+    model, tok = load_model(sft_dir), load_tokenizer(str(sft_dir))
+    chats = [demo_task.chat(p.text) for p in prompts]
+    with progress_bar("sampling", total=len(chats) * s.samples_per_prompt, console=console) as advance:
+        samples = generate(model, tok, chats, num_samples=s.samples_per_prompt, temperature=s.temperature,
+                           max_new_tokens=s.max_new_tokens, seed=s.seed, progress=advance)
+    examples = []
+    for i, (p, chat, answers) in enumerate(zip(prompts, chats, samples)):
+        for k, answer in enumerate(answers):
+            if not answer.strip():
+                continue  # an empty sample carries no text to learn from
+            examples.append(FeedbackExample(chat, answer.strip(), demo_task.judge(p.text, answer) >= 0.5,
+                                            f"s{i}-{k}"))
+    write_examples(examples, path)
+    return examples
+
+
+def _scenario(feedback: list[FeedbackExample], scenario: str, s: DemoSettings) -> list[FeedbackExample]:
+    """balanced: as sampled; scarce: keep ``scarce_keep`` of the desirable; noisy: flip ``noise`` of labels."""
+    rng = random.Random(s.seed + {"balanced": 0, "scarce": 1, "noisy": 2}[scenario])
+    if scenario == "balanced":
+        return list(feedback)
+    if scenario == "scarce":
+        return [e for e in feedback if not e.is_desirable or rng.random() < s.scarce_keep]
+    return [FeedbackExample(e.prompt, e.completion, e.is_desirable != (rng.random() < s.noise), e.id)
+            for e in feedback]
+
+
+def _evaluate_all(out: Path, runs: dict, heldout, s: DemoSettings, console: Console) -> dict:
+    from halokit.evaluate import evaluate_model
+    from halokit.models import load_model, load_tokenizer
+
+    rng = random.Random(s.seed + 11)
+    prompts = []
+    for kind in demo_task.KINDS:
+        of_kind = [p for p in heldout if p.kind == kind]
+        prompts += rng.sample(of_kind, min(s.eval_per_kind, len(of_kind)))
+    chats, kinds = [demo_task.chat(p.text) for p in prompts], [p.kind for p in prompts]
+    sft = load_model(runs["sft"] / "model")
+    models = {}
+    for name, run_dir in runs.items():
+        cached = run_dir / "eval.json"
+        if cached.is_file():
+            metrics = json.loads(cached.read_text())
+        else:
+            model, tok = load_model(run_dir / "model"), load_tokenizer(str(run_dir / "model"))
+            metrics = evaluate_model(model, tok, chats, demo_task.judge, reference=None if name == "sft" else sft,
+                                     num_samples=s.eval_samples, temperature=s.temperature,
+                                     max_new_tokens=s.max_new_tokens, seed=s.seed, kinds=kinds)
+            if name == "sft":
+                metrics["kl_to_sft"] = 0.0
+            cached.write_text(json.dumps(metrics))
+        console.print(f"{name}: greedy desirable {100 * metrics['desirable_greedy']['mean']:.1f} %, "
+                      f"sampled {100 * metrics['desirable_sampled']['mean']:.1f} %")
+        scenario, _, method = name.rpartition("/")
+        models[name] = {"run_dir": str(run_dir.relative_to(out)), "scenario": scenario or None,
+                        "method": method, "metrics": metrics}
+    return {"task": "demo", "seed": s.seed, "quick": s.n_demos < DemoSettings().n_demos,
+            "settings": {"kto": {"beta": s.kto_beta, "lr": s.kto_lr}, "dpo": {"beta": s.dpo_beta, "lr": s.dpo_lr},
+                         "csft": {"lr": s.csft_lr}, "sft": {"steps": s.sft_steps, "lr": s.sft_lr},
+                         "model": s.model, "scarce_keep": s.scarce_keep, "noise": s.noise},
+            "models": models}

@@ -1,0 +1,1 @@
+"""Built-in, procedurally generated tasks with rule-based judges."""
