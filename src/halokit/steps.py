@@ -113,14 +113,19 @@ def unlearning_step(policy, batch: Batch, reference, *, method: Method, loss_kwa
     else:
         out = method.loss_fn(logps.sums, **loss_kwargs)
     forget_loss = out.losses.mean()
-    loss = forget_loss
     metrics = {"forget_loss": stat(forget_loss), "logps/forget": stat(logps.sums)}
+    return add_retain_term(policy, batch, forget_loss, metrics, retain_weight), metrics
+
+
+def add_retain_term(policy, batch: Batch, loss: Tensor, metrics: Metrics, retain_weight: float) -> Tensor:
+    """``loss + retain_weight × token-mean NLL`` on ``batch.retain`` (GD, NPO+RT, SimNPO, IdkDPO);
+    records ``retain_loss`` and the total ``loss`` in ``metrics``."""
     if batch.retain is not None and retain_weight > 0:
         retain_nll = token_mean_nll(policy(batch.retain))
         loss = loss + retain_weight * retain_nll
         metrics["retain_loss"] = stat(retain_nll)
     metrics["loss"] = stat(loss)
-    return loss, metrics
+    return loss
 
 
 def make_step(method: Method, settings: Any, *, reduce_mean: Callable[[Tensor], Tensor],
@@ -166,10 +171,5 @@ def make_step(method: Method, settings: Any, *, reduce_mean: Callable[[Tensor], 
 def _with_retain(step: StepFn, policy, batch: Batch, reference, *, retain_weight: float):
     """IdkDPO: the paired loss on (idk, forget answer) pairs plus the retain NLL."""
     loss, metrics = step(policy, batch, reference)
-    if batch.retain is not None and retain_weight > 0:
-        retain_nll = token_mean_nll(policy(batch.retain))
-        loss = loss + retain_weight * retain_nll
-        metrics["retain_loss"] = stat(retain_nll)
-        metrics["loss"] = stat(loss)
-    return loss, metrics
+    return add_retain_term(policy, batch, loss, metrics, retain_weight), metrics
 

@@ -1,0 +1,44 @@
+"""`halokit demo --quick` end to end: report files, a valid feedback file, and KTO better than SFT."""
+
+import json
+
+import pytest
+
+from halokit.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_report_files(demo_dir):
+    for name in ("results.json", "report.md", "report.html", "desirable_rates.png", "curves_balanced.png"):
+        assert (demo_dir / name).is_file() and (demo_dir / name).stat().st_size > 0, name
+    assert (demo_dir / "desirable_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (demo_dir / "report.md").read_text()
+    assert "balanced/kto" in md and "scarce/kto" in md and "noisy/kto" in md
+
+
+def test_feedback_file_validates(demo_dir, capsys):
+    assert main(["data", "validate", str(demo_dir / "feedback.jsonl"), "--format", "feedback"]) == 0
+    out = capsys.readouterr().out
+    assert "valid feedback rows" in out
+    rows = [json.loads(line) for line in (demo_dir / "feedback.jsonl").read_text().splitlines()]
+    assert {type(r["label"]) for r in rows} == {bool} and any(r["label"] for r in rows)
+
+
+def test_kto_beats_sft(demo_dir):
+    models = json.loads((demo_dir / "results.json").read_text())["models"]
+    sft = models["sft"]["metrics"]["desirable_greedy"]["mean"]
+    kto = models["balanced/kto"]["metrics"]["desirable_greedy"]["mean"]
+    assert kto > sft, (kto, sft)
+    assert models["balanced/kto"]["metrics"]["kl_to_sft"] is not None
+
+
+def test_rerun_reuses_every_stage(demo_dir, capsys):
+    assert main(["demo", "--quick", "--out", str(demo_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier, reusing") >= 10
