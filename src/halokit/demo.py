@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,8 +40,8 @@ class DemoSettings:
     model: dict = field(default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 4,
                                                  "num_attention_heads": 4, "num_key_value_heads": 4,
                                                  "intermediate_size": 256})
-    n_demos: int = 6000
-    sft_steps: int = 400
+    n_demos: int = 8000
+    sft_steps: int = 1000
     sft_batch: int = 64
     sft_lr: float = 2e-3
     feedback_prompts: int = 600
@@ -70,7 +71,8 @@ class DemoSettings:
 
 def run_demo(out: str | Path, settings: DemoSettings, console: Console | None = None) -> dict:
     """Run (or resume) the whole demo in ``out``; returns the results dict also written to results.json."""
-    console = console or Console(highlight=False, soft_wrap=True)
+    # a wide console when piped (CI, logs), so the results table is not squeezed into 80 columns
+    console = console or Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 150)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
