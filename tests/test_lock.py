@@ -4,6 +4,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -13,13 +15,24 @@ from halokit.lock import RunLock
 
 def test_run_lock_refuses_a_second_run_and_cleans_up(tmp_path):
     lock_file = tmp_path / "run" / ".lock"
+    second = f"from halokit.lock import RunLock\nwith RunLock({str(tmp_path / 'run')!r}): pass"
     with RunLock(tmp_path / "run"):
         assert json.loads(lock_file.read_text())["pid"] == os.getpid()
-        with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path / 'run'))} is in use .*pid {os.getpid()}"):
-            with RunLock(tmp_path / "run"):
-                pass
+        refused = subprocess.run([sys.executable, "-c", second], capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0
+        assert re.search(rf"{re.escape(str(tmp_path / 'run'))} is in use .*pid {os.getpid()}", refused.stderr)
         assert lock_file.exists()  # the refused second lock must not remove the first
     assert not lock_file.exists()
+
+
+def test_run_lock_is_reentrant_within_a_process(tmp_path):
+    """The CLI holds the lock while it prepares the directory; train() takes it again inside."""
+    with RunLock(tmp_path) as outer:
+        token = json.loads((tmp_path / ".lock").read_text())["token"]
+        with RunLock(tmp_path):
+            pass
+        assert json.loads((tmp_path / ".lock").read_text())["token"] == token == outer._token
+    assert not (tmp_path / ".lock").exists()
 
 
 def test_run_lock_takes_over_a_dead_process_lock(tmp_path):

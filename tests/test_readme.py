@@ -43,3 +43,15 @@ def test_readme_python_block_runs():
 
 def test_readme_mentions_both_make_targets():
     assert "make demo" in README and "make test" in README
+
+
+def test_every_guarantee_names_tests_that_exist():
+    """Each ``file::test`` in the Guarantees table (``::test`` alone: the same file as the one before it)."""
+    section = README.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    cited = re.findall(r"`((?:tests/[\w/]+\.py)?::\w+)`", section)
+    assert len(cited) >= 14
+    file = None
+    for ref in cited:
+        path, name = ref.split("::")
+        file = path or file
+        assert re.search(rf"^def {name}\(", (ROOT / file).read_text(), flags=re.M), ref

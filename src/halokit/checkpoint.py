@@ -215,7 +215,8 @@ def save_checkpoint(
     ``optimizer``, ``scheduler`` and ``trainer_state`` are read on the main process only.
 
     Raises UserError if the directory cannot be written (disk full, permissions), after removing the
-    partial checkpoint; earlier checkpoints are untouched. Raises TypeError if a state holds a value
+    partial checkpoint, or if ``model_state`` holds NaN/Inf (checked on every process that passes it, so
+    all raise together); earlier checkpoints are untouched. Raises TypeError if a state holds a value
     that JSON and safetensors cannot store (say, a function inside a scheduler's state).
     """
     if keep < 1:
@@ -223,6 +224,12 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     final = root / checkpoint_name(step)
     main = process_index == 0
+    bad = next((n for n, t in model_state.items() if t.is_floating_point() and not t.isfinite().all()), None)
+    if bad is not None:  # a diverged update; resuming from it could only give NaN again
+        last = latest_checkpoint(run_dir)
+        where = f"the last good checkpoint is {last}" if last else "there is no earlier checkpoint"
+        raise UserError(f"training diverged: at step {step} the weights hold NaN or Inf (first: {bad}); this "
+                        f"checkpoint was not written and {where} (lower train.lr?)")
     if main:  # encode first, so a bad state fails before anything touches the disk
         parts = {name: _split(obj) for name, obj in [
             ("optimizer", optimizer.state_dict()),

@@ -7,6 +7,7 @@ User errors (bad config, bad data, missing files) print one line on stderr and e
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -43,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"halokit {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as err:  # a full disk is the machine's state, not a bug: one line, like a user error
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or getattr(args, "debug", False):
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"halokit {args.command}: error: {where}{err.strerror}; free some space and run again",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("halokit: interrupted", file=sys.stderr)
@@ -143,7 +151,7 @@ def _not_built(name: str, owner: str):
 # ---------------------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
     from halokit.config import describe, load_config, save_config
-    from halokit.run import prepare_run
+    from halokit.run import claim_run_dir, prepare_run
 
     if args.keys:
         for key, default, doc in describe():
@@ -159,16 +167,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.config is None:
             raise UserError("give a recipe: halokit train CONFIG.yaml [key=value ...] (see recipes/)")
         cfg = load_config(args.config, overrides)
-    run = prepare_run(cfg)
-    save_config(cfg, run.run_dir)
-    print(run.describe())
-    from transformers.utils import logging as hf_logging
+    with claim_run_dir(cfg.output_dir):  # a second run on this directory stops here, having written nothing
+        run = prepare_run(cfg)
+        save_config(cfg, run.run_dir)
+        print(run.describe())
+        from transformers.utils import logging as hf_logging
 
-    from halokit.train import train
+        from halokit.train import train
 
-    hf_logging.disable_progress_bar()  # halokit shows its own progress
+        hf_logging.disable_progress_bar()  # halokit shows its own progress
 
-    train(cfg, run)
+        train(cfg, run)
     return 0
 
 

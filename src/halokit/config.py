@@ -7,6 +7,7 @@ what is allowed, e.g. ``train.lr: expected a positive float, got "fast"``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -132,7 +133,7 @@ class TrainSettings:
                                            valid=lambda v: all(0.0 <= b < 1.0 for b in v))
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 disables", expect="a non-negative float",
                                 valid=lambda v: v >= 0)
-    seed: int = _count("random seed", 42, minimum=0)
+    seed: int = _opt(42, "random seed", expect="an integer in [0, 2**32)", valid=lambda v: 0 <= v < 2**32)
     log_every: int = _count("optimizer steps between logged metrics", 10)
     eval_every: int = _count("optimizer steps between evaluations; 0 only at the end", 0, minimum=0)
     save_every: int = _count("optimizer steps between checkpoints; 0 only at the end", 0, minimum=0)
@@ -144,6 +145,10 @@ class TrainSettings:
         "auto", "reference model: cache (log-probs on disk), frozen copy, or LoRA adapters disabled")
     cache_dir: str | None = _opt(None, "where reference caches live (default: inside the run directory)")
     trackers: list[str] = _opt(doc="accelerate trackers, e.g. [tensorboard, wandb]", factory=list)
+
+    def __post_init__(self) -> None:
+        if self.lr >= 1e30:  # AdamW's step lr / (1 - β1^t) would overflow float32: a traceback, not a NaN
+            raise ConfigError(f"train.lr: expected a positive float below 1e30, got {self.lr:g}")
 
 
 # ------------------------------------------------------------------------------- method hyper-params
@@ -315,7 +320,7 @@ def save_config(cfg: Config, run_dir: str | Path) -> Path:
     """Write the resolved config as ``RUN_DIR/config.yaml`` (reloadable with :func:`load_config`)."""
     path = Path(run_dir) / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
+    tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")  # one per process: every rank writes it
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
     tmp.replace(path)
     return path

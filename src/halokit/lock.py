@@ -9,7 +9,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from halokit.errors import UserError
 
@@ -33,14 +33,43 @@ class RunLock:
     left by a dead process on this host is taken over with a warning; a live one (or one from another
     host, whose pid cannot be checked) raises UserError naming the directory and the holder's pid.
     Take it on the main process only. The file is removed on exit if it is still ours.
+
+    Re-entrant within a process: the CLI takes the lock before it writes anything into the directory,
+    and :func:`halokit.train.train` takes it again; the inner ``with`` does nothing.
     """
+
+    _held: ClassVar[dict[Path, int]] = {}  # directories this process holds -> nesting depth
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / ".lock"
         self._token = uuid.uuid4().hex
+        self._key: Path | None = None
 
     def __enter__(self) -> RunLock:
+        key = self.run_dir.resolve()
+        if key in RunLock._held:
+            RunLock._held[key] += 1
+            self._key = key
+            return self
+        self._acquire()
+        RunLock._held[key] = 1
+        self._key = key
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        key, self._key = self._key, None
+        if key is None:
+            return
+        RunLock._held[key] -= 1
+        if RunLock._held[key] > 0:
+            return
+        del RunLock._held[key]
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self._token:
+            self.path.unlink(missing_ok=True)
+
+    def _acquire(self) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._create()
@@ -54,7 +83,7 @@ class RunLock:
                 raise UserError(f"{self.run_dir} is in use by another halokit run (pid {pid} on {host}, since "
                                 f"{holder.get('time')}); delete {self.path} if that run is gone") from None
             warnings.warn(f"taking over the stale lock {self.path} of process {pid}, which no longer runs",
-                          stacklevel=2)
+                          stacklevel=3)
             self.path.unlink(missing_ok=True)
             try:
                 self._create()
@@ -62,12 +91,6 @@ class RunLock:
                 raise UserError(f"{self.run_dir} was just locked by another halokit run") from None
         except OSError as e:
             raise UserError(f"cannot create the lock file {self.path} ({e.strerror or e})") from e
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        holder = self._holder()
-        if holder is not None and holder.get("token") == self._token:
-            self.path.unlink(missing_ok=True)
 
     def _create(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -9,9 +9,14 @@ hidden states of the N positions that predict a completion token are gathered in
 head is applied to them chunk by chunk inside one autograd Function that keeps at most one
 (chunk_size, V) block of logits alive, in the forward and in the backward.
 
-Precision: the head matmul runs in the hidden states' dtype (bf16 under autocast, like a plain
-`lm_head` would), the log-softmax always in float32 or wider. Results are float32, float64 for a
+Precision: the head matmuls run in the autocast dtype when autocast is on (bf16, like a plain
+`lm_head` under autocast; the backbone's last norm returns float32 there, so the hidden states are
+cast explicitly), else in the hidden states' dtype; the log-softmax always in float32 or wider, and
+the head's weight gradient is summed over chunks in float32. Results are float32, float64 for a
 float64 model.
+
+Chunks hold at most ``chunk_size`` rows and at most ``MAX_BLOCK_ELEMENTS`` logits (16 MiB in float32),
+so that a 150k-token vocabulary does not allocate gigabytes per chunk and each block stays in cache.
 
 Packed rows (several sequences per row, `position_ids` restarting at 0) need no attention mask and
 `use_cache=False`, or transformers silently attends across sequences (STACK.md); `sequence_logps`
@@ -40,6 +45,11 @@ class SequenceLogps(NamedTuple):
     def means(self) -> Tensor:
         """(S,) mean token log-prob ā = sums / counts (SimPO, ORPO, SimNPO); 0 where count == 0."""
         return self.sums / self.counts.clamp(min=1).to(self.sums.dtype)
+
+
+MAX_BLOCK_ELEMENTS = 1 << 22  # logits per chunk: rows = min(chunk_size, max(64, this // V))
+# Bumped whenever the numbers computed here change (reference caches are keyed by it). 2: bf16 head under autocast.
+NUMERICS_VERSION = 2
 
 
 class _ChunkedLinearLogSoftmax(torch.autograd.Function):
@@ -87,7 +97,8 @@ class _ChunkedLinearLogSoftmax(torch.autograd.Function):
         w = weight.to(mm_dtype)
         b = None if bias is None else bias.to(mm_dtype)
         grad_logps = grad_logps.to(acc_dtype)
-        # Accumulate the head's gradient over chunks in float32 at least: exact chunk sums in bf16 too.
+        # The head's gradient: each chunk's product in the matmul dtype (as a plain bf16 lm_head computes it),
+        # summed over chunks in float32 at least, so that chunking never adds rounding.
         wide = torch.promote_types(weight.dtype, torch.float32)
         grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
         grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None  # (V, H)
@@ -99,12 +110,15 @@ class _ChunkedLinearLogSoftmax(torch.autograd.Function):
             grad_logits = _logits(hidden[sl], w, b, acc_dtype)  # (c, V)
             grad_logits.sub_(lse[sl, None]).exp_().mul_(-g)
             grad_logits.scatter_add_(1, targets[sl, None], g)
-            if need_h:
-                grad_h[sl] = (grad_logits.to(mm_dtype) @ w).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(grad_logits.T.to(wide), hidden[sl].to(wide))
             if need_b:
                 grad_b += grad_logits.sum(0).to(wide)
+            grad_logits = grad_logits.to(mm_dtype)  # a no-op in float32
+            if need_h:
+                grad_h[sl] = (grad_logits @ w).to(hidden.dtype)
+            if need_w and mm_dtype == wide:
+                grad_w.addmm_(grad_logits.T, hidden[sl])
+            elif need_w:
+                grad_w += grad_logits.T @ hidden[sl]
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None
@@ -132,13 +146,20 @@ def token_logps_from_hidden(
     targets: Tensor,
     chunk_size: int = 1024,
 ) -> Tensor:
-    """log softmax(hidden @ W.T + b)[targets] per row, never holding more than chunk_size rows of logits.
+    """log softmax(hidden @ W.T + b)[targets] per row, never holding more than chunk_size rows of logits
+    (nor more than MAX_BLOCK_ELEMENTS logits).
 
     hidden (N, H), lm_head_weight W (V, H), lm_head_bias b (V,) or None, targets (N,) int64 → (N,).
     Differentiable in hidden, W and b; a frozen W (requires_grad False) gets no gradient work.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    chunk_size = min(chunk_size, max(64, MAX_BLOCK_ELEMENTS // lm_head_weight.shape[0]))
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):  # matmuls in the autocast dtype, as autocast would run lm_head
+        low = torch.get_autocast_dtype(kind)
+        if hidden.is_floating_point() and hidden.dtype.itemsize > low.itemsize:
+            hidden = hidden.to(low)
     return _ChunkedLinearLogSoftmax.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)
 
 

@@ -345,14 +345,20 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, *, 
 
     A LoRA model is saved as its adapter (peft format), or with ``merge_lora`` as a plain model with
     the adapters merged in (``model`` itself is left unchanged). The files go to a temporary sibling
-    directory first; an existing ``out_dir`` is replaced only once everything is written.
+    directory first; an existing ``out_dir`` is replaced only once everything is written. Raises UserError,
+    writing nothing, when the weights hold NaN/Inf or the disk is full.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
+    params = model.named_parameters()
+    bad = next((n for n, p in params if p.is_floating_point() and not p.isfinite().all()), None)
+    if bad is not None:
+        raise UserError(f"{out}: not written, the weights hold NaN or Inf (first: {bad})")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [*out.parent.glob(f"{out.name}.tmp-*"), *out.parent.glob(f"{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed save (the run lock excludes live ones)
     peft_model = _peft_model(model)
     target = peft_model if peft_model is not None else model
     if peft_model is not None and merge_lora:
@@ -366,8 +372,10 @@ def save_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, *, 
             target.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # disk full, permissions: any earlier model in out_dir is untouched
+            raise UserError(f"{out}: the model could not be written ({err.strerror or err})") from err
         raise
     finally:
         if cache_off:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from halokit.config import Config
-from halokit.data.collate import BatchPlan, plan_batches, sequence_lengths
+from halokit.data.collate import BatchPlan, attention_cost, plan_batches, sequence_lengths
 from halokit.data.examples import FeedbackExample, ForgetExample, PreferenceExample
 from halokit.data.tokenize import TokenizeSettings, encode_examples
 from halokit.errors import UserError
@@ -211,5 +211,6 @@ def collate_options(cfg: Config, model: torch.nn.Module) -> dict:
         pad_id = getattr(model.config, "eos_token_id", 0) or 0
     if isinstance(pad_id, list):
         pad_id = pad_id[0]
-    return {"pad_id": int(pad_id), "packing": cfg.train.packing,
-            "row_tokens": cfg.data.max_length}  # attention costs L² per row: rows no longer than a sequence may be
+    return {"pad_id": int(pad_id), "packing": cfg.train.packing,  # attention costs width² per row: rows are
+            "row_tokens": cfg.data.max_length,  # no wider than a sequence may be, narrower when that is cheaper
+            "attention_cost": attention_cost(model.config)}

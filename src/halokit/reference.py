@@ -27,7 +27,7 @@ from torch import Tensor
 
 from halokit.data.collate import Batch, BatchPlan, collate
 from halokit.errors import UserError
-from halokit.logprobs import LogpsModel
+from halokit.logprobs import NUMERICS_VERSION, LogpsModel
 from halokit.lora import adapters_disabled
 
 Part = Literal["policy", "kl"]
@@ -109,9 +109,10 @@ def compute_tables(reference: Reference, records: Sequence[dict], micro_batches:
 
 
 def cache_key(*, weights: str, records: Sequence[dict], plan: BatchPlan, settings: dict) -> str:
-    """SHA-256 over the reference weights' fingerprint, the token ids, the micro-batches and settings."""
+    """SHA-256 over the reference weights' fingerprint, the token ids, the micro-batches and settings (and the
+    version of the log-prob numerics, so that a change in how they are computed never reuses old values)."""
     h = hashlib.sha256()
-    h.update(f"halokit-ref-cache/{CACHE_FORMAT}/{weights}/".encode())
+    h.update(f"halokit-ref-cache/{CACHE_FORMAT}/logps-{NUMERICS_VERSION}/{weights}/".encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     for r in records:
         h.update(json.dumps(r, sort_keys=True, separators=(",", ":")).encode())

@@ -91,7 +91,9 @@ def _train(cfg: Config, run: RunData) -> Path:
         prepared.references = build_references(cfg, model, prepared, accelerator=accelerator, console=console)
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
+        # fused: one kernel over all parameters, no per-parameter temporaries (CPU: ~4x faster than the default loop)
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay,
+                                      fused=accelerator.device.type in ("cpu", "cuda"))
         steps_per_epoch = prepared.train.plan.num_steps
         total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         # not passed through accelerate.prepare: a prepared scheduler steps once per process (STACK.md)
@@ -272,11 +274,20 @@ def _open_metrics(path: Path, resumed_step: int, main: bool):
     if not main:
         return open("/dev/null", "w")  # noqa: SIM115
     if resumed_step and path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [line for line in path.read_text().splitlines() if line and _row_step(line) <= resumed_step]
+        tmp = path.with_name(path.name + ".tmp")  # a kill during the rewrite must not empty the log
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
     elif not resumed_step:
         path.write_text("")
     return path.open("a")
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # the last line, torn by a kill in mid-write: redone too
+        return math.inf
 
 
 def _trainable_state(model) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -153,14 +154,17 @@ def _convert(value: Any, tp: Any, key: str, expect: str | None) -> Any:
                 pass
         raise fail("an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML reads "5e-6" as a string
+                number = float(value)  # YAML reads "5e-6" as a string
             except ValueError:
                 pass
-        raise fail("a float")
+        if number is None or not math.isfinite(number):  # inf and nan poison every later computation
+            raise fail("a finite float")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

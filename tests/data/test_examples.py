@@ -66,6 +66,11 @@ def test_formats_and_column_mapping():
     ({"prompt": "p", "chosen": "a", "rejected": "a"}, "preference", "rejected", "identical"),
     ({"prompt": "p", "completion": "c", "role": "keep"}, "forget", "role", "expected 'forget' or 'retain'"),
     ({"prompt": "p", "completion": "c", "id": 1.5}, "sft", "id", "string or integer id"),
+    # regression: JSON's \ud800 escape decodes to a lone surrogate, which crashed the tokenizer in training
+    ({"prompt": "caf\ud800", "completion": "c"}, "sft", "prompt", "is not valid Unicode"),
+    ({"prompt": "p", "completion": [{"role": "assistant", "content": "\udfff"}]}, "sft", "completion[0]",
+     "lone surrogate"),
+    ({"prompt": "p", "completion": "c", "id": "\ud800"}, "sft", "id", "lone surrogate"),
 ])
 def test_bad_rows_name_the_field(record, fmt, field, message):
     with pytest.raises(RowError, match=message.replace("[", r"\[").replace("(", r"\(")) as err:

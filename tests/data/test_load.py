@@ -75,3 +75,25 @@ def test_detect_format(tmp_path):
     assert detect_format(write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "completion": "c"}])) == "sft"
     assert detect_format(write_jsonl(tmp_path / "d.jsonl", [{"q": "p", "a": "c", "thumb": 1}]),
                          columns={"label": "thumb"}) == "feedback"
+
+
+def test_detect_format_says_why_it_cannot(tmp_path):
+    with pytest.raises(DataError, match=r"e.jsonl: no rows$"):
+        detect_format(write_jsonl(tmp_path / "e.jsonl", []))
+    with pytest.raises(DataError, match=r"no row can be read, so its format cannot be detected; the first: "
+                                        r".*b.jsonl, line 1: invalid JSON"):
+        detect_format(write_jsonl(tmp_path / "b.jsonl", ['{"prompt": "p"', "[1]"]))
+
+
+def test_bad_rows_file_is_written_whole_or_not_at_all(tmp_path):
+    p = write_jsonl(tmp_path / "d.json", [])
+    p.write_text('[{"prompt": "caf\\ud800", "completion": "c"}, {"prompt": "p", "completion": "c"}]')
+    loaded = load_examples(p, "sft", on_bad_row="skip")
+    out = write_bad_rows(loaded.bad_rows, tmp_path / "bad.jsonl")
+    (row,) = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert row["field"] == "prompt" and "lone surrogate U+D800" in row["reason"]  # kept as a \ud800 escape
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DataError, match=r"file/bad_rows.jsonl: cannot write the skipped rows \(File exists\)"):
+        write_bad_rows(loaded.bad_rows, blocker / "bad_rows.jsonl")

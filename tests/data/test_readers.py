@@ -70,3 +70,35 @@ def test_missing_and_unknown_files(tmp_path):
     bad.write_bytes(b"PAR1garbage")
     with pytest.raises(DataError, match="cannot read Parquet"):
         list(read_rows(bad))
+
+
+def test_json_that_python_refuses_to_decode_is_a_bad_row_not_a_crash(tmp_path):
+    """Regression: 5000-deep nesting raised RecursionError and a 5000-digit number ValueError, uncaught."""
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b'}\n{"a": ' + b"1" * 5000 + b'}\n{"a": 1}\n')
+    rows = list(read_rows(p))
+    assert [r.error for r in rows] == ["invalid JSON: nested too deeply",
+                                      "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion",
+                                      None]
+    (tmp_path / "d.json").write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(DataError, match="d.json: invalid JSON: nested too deeply"):
+        list(read_rows(tmp_path / "d.json"))
+
+
+def test_bytes_that_are_not_utf8_name_their_field_and_short_csv_rows_their_missing_column(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"prompt": "ok", "completion": "\xff"}\n{"\xff": 1}\n')
+    assert [r.field for r in read_rows(p)] == ["completion", None]
+    c = tmp_path / "d.csv"
+    c.write_text("prompt,completion,label\nq,a\n")
+    (row,) = read_rows(c)
+    assert row.field == "label" and row.error == "expected 3 columns (prompt, completion, label), got 2"
+
+
+def test_parquet_values_python_cannot_hold_are_bad_rows_naming_the_column(tmp_path):
+    """Regression: a timestamp beyond Python's datetime range made to_pylist raise OverflowError."""
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "when": pa.array([2**62, 0], type=pa.timestamp("ms"))}), p)
+    rows = list(read_rows(p))
+    assert rows[0].field == "when" and rows[0].error.startswith("cannot convert the value to Python")
+    assert rows[1].record["prompt"] == "b"

@@ -13,7 +13,10 @@ completion (i + 1) mod B, a mismatched pair whose log-ratio estimates the refere
 **The layout.** Sequences (prompt ids + completion ids) are packed first-fit-decreasing into rows of
 at most ``row_tokens`` tokens with ``position_ids`` restarting at 0 for each sequence and no attention
 mask (padding-free attention, STACK.md), the rest of a row filled by one padding block that is its own
-sequence and never scored. With ``packing=False`` each sequence gets its own row, padded to the batch
+sequence and never scored. A packed row attends through a block-diagonal mask over its whole width,
+so attention costs width² per row whatever it holds: given ``attention_cost`` (see
+:func:`attention_cost`), the row capacity is the one among the longest sequence × 1, 2, 4, … and
+``row_tokens`` that minimises rows × width × (1 + attention_cost × width). With ``packing=False`` each sequence gets its own row, padded to the batch
 maximum (never to a global max_length), with an attention mask.
 """
 
@@ -46,24 +49,34 @@ class SeqBatch:
         return SeqBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in moved.items()})
 
 
-def layout(pairs: Sequence[Pair], *, pad_id: int, packing: bool = True, row_tokens: int = 2048) -> SeqBatch:
+def attention_cost(config) -> float | None:
+    """Cost of one token attending across one more position of its row, relative to the token's linear layers
+    (per layer: 4·d_q FLOPs for QKᵀ and AV against 2·(q, k, v, o projections + SwiGLU) FLOPs), for a
+    Llama-style ``config``; the ``attention_cost`` of :func:`layout`. None when the config lacks the sizes."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = getattr(config, "hidden_size", None)
+    if not h or not getattr(config, "num_attention_heads", None):
+        return None
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * d, getattr(config, "num_key_value_heads", config.num_attention_heads) * d
+    mlp = getattr(config, "intermediate_size", 4 * h)
+    return 4 * q / (2 * (h * (q + 2 * kv) + q * h + 3 * h * mlp))
+
+
+def layout(pairs: Sequence[Pair], *, pad_id: int, packing: bool = True, row_tokens: int = 2048,
+           attention_cost: float | None = None) -> SeqBatch:
     """Lay out ``pairs`` (S of them, output slot s = position in ``pairs``) as packed or padded rows."""
     seqs = [list(p) + list(c) for p, c in pairs]
     prompt_lens = [len(p) for p, _ in pairs]
     if not packing:
         return _padded(seqs, prompt_lens, pad_id)
-    capacity = max(row_tokens, max(len(s) for s in seqs))
-    rows: list[list[int]] = []  # sequence indices per row
-    room: list[int] = []
-    for s in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):  # first fit decreasing
-        for r, free in enumerate(room):
-            if free >= len(seqs[s]):
-                rows[r].append(s)
-                room[r] -= len(seqs[s])
-                break
-        else:
-            rows.append([s])
-            room.append(capacity - len(seqs[s]))
+    lengths = [len(s) for s in seqs]
+    longest = max(lengths)
+    capacity = max(row_tokens, longest)
+    if attention_cost is not None:
+        candidates = {capacity} | {longest << k for k in range(12) if longest << k < capacity}
+        capacity = min(sorted(candidates), key=lambda c: _row_cost(_first_fit(lengths, c), c, attention_cost))
+    rows, room = _first_fit(lengths, capacity)
     width = max(capacity - free for free in room)
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
@@ -82,6 +95,28 @@ def layout(pairs: Sequence[Pair], *, pad_id: int, packing: bool = True, row_toke
         position_ids[r, at:] = torch.arange(width - at)  # the padding block: its own sequence, never scored
     return SeqBatch(input_ids, position_ids, completion_mask, sequence_ids, None, len(seqs),
                     sum(map(len, seqs)))
+
+
+def _first_fit(lengths: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
+    """First fit decreasing: sequence indices per row, and each row's free room."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for s in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if free >= lengths[s]:
+                rows[r].append(s)
+                room[r] -= lengths[s]
+                break
+        else:
+            rows.append([s])
+            room.append(capacity - lengths[s])
+    return rows, room
+
+
+def _row_cost(packed: tuple[list[list[int]], list[int]], capacity: int, attention_cost: float) -> float:
+    rows, room = packed
+    width = max(capacity - free for free in room)
+    return len(rows) * width * (1 + attention_cost * width)
 
 
 def _padded(seqs: list[list[int]], prompt_lens: list[int], pad_id: int) -> SeqBatch:
@@ -191,14 +226,14 @@ class Batch:
 
 
 def collate(records: Sequence[dict], indices: Sequence[int], *, with_kl: bool = False, pad_id: int = 0,
-            packing: bool = True, row_tokens: int = 2048) -> Batch:
+            packing: bool = True, row_tokens: int = 2048, attention_cost: float | None = None) -> Batch:
     """Build a :class:`Batch` from tokenized records (see ``data.tokenize.encode_examples``).
 
     Paired records (``chosen_ids``/``rejected_ids``) give 2B sequences; others B. ``with_kl`` adds
     KTO's KL pairs (prompt i, completion (i+1) mod B).
     """
     chosen = [records[i] for i in indices]
-    opts = {"pad_id": pad_id, "packing": packing, "row_tokens": row_tokens}
+    opts = {"pad_id": pad_id, "packing": packing, "row_tokens": row_tokens, "attention_cost": attention_cost}
     if "chosen_ids" in chosen[0]:
         pairs = [(r["prompt_ids"], r["chosen_ids"]) for r in chosen] + \
                 [(r["prompt_ids"], r["rejected_ids"]) for r in chosen]

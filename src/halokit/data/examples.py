@@ -159,7 +159,7 @@ def parse_text(value: Any, field: str, *, completion: bool) -> Text:
     if isinstance(value, str):
         if not value.strip():
             raise RowError("is empty", field)
-        return value
+        return _unicode(value, field)
     if isinstance(value, Mapping):  # a single message
         value = [value]
     if not isinstance(value, (list, tuple)):
@@ -179,10 +179,21 @@ def parse_text(value: Any, field: str, *, completion: bool) -> Text:
             raise RowError(f"'content' must be text, got {type(content).__name__}", where)
         if completion and role != "assistant":
             raise RowError(f"a completion holds assistant messages only, got role {role!r}", where)
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": _unicode(content, where)})
     if not any(m["content"].strip() for m in messages):
         raise RowError("all messages are empty", field)
     return tuple(messages)
+
+
+def _unicode(text: str, field: str) -> str:
+    """``text`` if it can be written as UTF-8; JSON's ``\\ud800`` escapes can make lone surrogates that
+    no tokenizer or file accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowError(f"is not valid Unicode (lone surrogate U+{ord(text[err.start]):04X} at character "
+                       f"{err.start + 1})", field) from None
+    return text
 
 
 def parse_label(value: Any, spec: LabelSpec, field: str = "label") -> bool:
@@ -222,7 +233,7 @@ def _parse_id(value: Any, field: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RowError(f"expected a string or integer id, got {type(value).__name__}", field)
-    return str(value)
+    return _unicode(str(value), field)
 
 
 _DEFAULT_LABELS = LabelSpec.from_lists(DEFAULT_DESIRABLE, DEFAULT_UNDESIRABLE)

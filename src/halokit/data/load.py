@@ -8,14 +8,16 @@ writes to ``bad_rows.jsonl`` — nothing disappears silently.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from halokit.data.examples import Example, Format, LabelSpec, RowError, parse_row
-from halokit.data.readers import read_rows, row_unit
+from halokit.data.readers import read_rows, record_text, row_unit
 from halokit.errors import DataError
 
 
@@ -106,21 +108,41 @@ def _check_missing_column(file: str, bad: list[BadRow], n_rows: int) -> None:
 
 
 def write_bad_rows(bad_rows: Iterable[BadRow], path: str | Path) -> Path:
-    """Write skipped rows as JSON lines: file, line/row, field, reason and the original row text."""
+    """Write skipped rows as JSON lines: file, line/row, field, reason and the original row text.
+
+    Written to a temporary file and renamed, so the file is whole or absent; DataError if it cannot be.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for bad in bad_rows:
-            record: dict[str, Any] = asdict(bad)
-            record[record.pop("unit")] = record.pop("position")
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    lines = []
+    for bad in bad_rows:
+        record: dict[str, Any] = asdict(bad)
+        record[record.pop("unit")] = record.pop("position")
+        line = json.dumps(record, ensure_ascii=False)
+        if not _encodable(line):  # a lone surrogate from the file: keep it as a \\u escape
+            line = json.dumps(record)
+        lines.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(lines), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write the skipped rows ({err.strerror or err})") from err
     return path
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _dump(record: Any) -> str | None:
-    if record is None:
-        return None
-    return json.dumps(record, ensure_ascii=False, default=str)
+    return None if record is None else record_text(record)
 
 
 def detect_format(path: str | Path, *, columns: Mapping[str, str] | None = None, split: str = "train") -> Format:
@@ -130,8 +152,10 @@ def detect_format(path: str | Path, *, columns: Mapping[str, str] | None = None,
     Column names are looked up through ``columns`` (halokit field -> file column).
     """
     columns = dict(columns or {})
+    first_bad = None
     for row in read_rows(path, split=split):
         if row.record is None:
+            first_bad = first_bad or BadRow(str(path), row.position, row_unit(path), row.field, row.error or "")
             continue
         keys = set(row.record)
         has = {name for name in ("chosen", "rejected", "label", "role") if columns.get(name, name) in keys}
@@ -142,4 +166,7 @@ def detect_format(path: str | Path, *, columns: Mapping[str, str] | None = None,
         if "role" in has:
             return "forget"
         return "sft"
-    raise DataError(f"{path}: no readable rows to detect the format from; set data.format")
+    if first_bad is None:
+        raise DataError(f"{path}: no rows")
+    raise DataError(f"{path}: no row can be read, so its format cannot be detected; the first: "
+                    f"{first_bad.message()}")

@@ -67,6 +67,29 @@ def read_rows(path: str | Path, *, split: str = "train") -> Iterator[RawRow]:
     return _read_hub(str(path), split)
 
 
+def _loads(text: str, *, multiline: bool = False) -> tuple[Any, str | None]:
+    """``json.loads`` that never raises: ``(value, None)``, or ``(None, "invalid JSON ...")`` saying why."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        what = err.msg.removesuffix(" at")  # "Unterminated string starting at"
+        if multiline:
+            return None, f"invalid JSON at line {err.lineno}, column {err.colno}: {what}"
+        return None, f"invalid JSON: {what} at column {err.colno}"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply"
+    except ValueError as err:  # an integer longer than sys.get_int_max_str_digits() digits
+        return None, f"invalid JSON: {str(err).split(':')[0]}"
+
+
+def record_text(record: Any) -> str | None:
+    """The JSON text of a decoded record for bad_rows.jsonl, or None if it cannot be re-encoded."""
+    try:
+        return json.dumps(record, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):
+        return None
+
+
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
     with path.open("rb") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -75,14 +98,13 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             except UnicodeDecodeError as err:
                 raw = line.decode("utf-8", errors="replace").rstrip("\n")
                 yield RawRow(lineno, None, f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column "
-                                           f"{err.start + 1})", raw=raw)
+                                           f"{err.start + 1})", field=_undecodable_field(line), raw=raw)
                 continue
             if not text.strip():
                 continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                yield RawRow(lineno, None, f"invalid JSON: {err.msg} at column {err.colno}", raw=text.rstrip("\n"))
+            record, error = _loads(text.rstrip("\r\n"))
+            if error is not None:
+                yield RawRow(lineno, None, error, raw=text.rstrip("\n"))
                 continue
             if not isinstance(record, dict):
                 yield RawRow(lineno, None, f"expected a JSON object, got {type(record).__name__}",
@@ -91,13 +113,32 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             yield RawRow(lineno, record, raw=text.rstrip("\n"))
 
 
+def _undecodable_field(line: bytes) -> str | None:
+    """The top-level key whose value holds the bytes that are not UTF-8, when the rest of the line is JSON."""
+    record, _ = _loads(line.decode("utf-8", errors="surrogateescape"))
+    if not isinstance(record, dict):
+        return None
+    for key, value in record.items():
+        if _undecodable(key):
+            return None  # the bytes are in the field's name itself
+        if _undecodable(record_text(value) or ""):
+            return key
+    return None
+
+
+def _undecodable(text: str) -> bool:
+    """Whether ``text`` holds bytes that ``surrogateescape`` kept because they are not UTF-8."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
 def _read_json(path: Path) -> Iterator[RawRow]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 (byte offset {err.start})") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    data, error = _loads(text, multiline=True)
+    if error is not None:
+        raise DataError(f"{path}: {error}")
     if isinstance(data, dict):
         lists = [k for k in ("data", "rows", "examples") if isinstance(data.get(k), list)]
         if not lists:
@@ -107,9 +148,10 @@ def _read_json(path: Path) -> Iterator[RawRow]:
         raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
     for i, record in enumerate(data, start=1):
         if isinstance(record, dict):
-            yield RawRow(i, record, raw=json.dumps(record, ensure_ascii=False))
+            yield RawRow(i, record, raw=record_text(record))
         else:
-            yield RawRow(i, None, f"expected a JSON object, got {type(record).__name__}", raw=json.dumps(record))
+            yield RawRow(i, None, f"expected a JSON object, got {type(record).__name__}",
+                         raw=record_text(record))
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
@@ -139,13 +181,14 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
             continue
         raw = ",".join(cells).encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
         if len(cells) != len(header):
+            missing = header[len(cells)] if len(cells) < len(header) else None  # first column without a cell
             yield RawRow(lineno, None, f"expected {len(header)} columns ({', '.join(header)}), got {len(cells)}",
-                         raw=raw)
+                         field=missing, raw=raw)
             continue
         record: dict[str, Any] = {}
         bad = None
         for name, cell in zip(header, cells):
-            if any("\udc80" <= ch <= "\udcff" for ch in cell):
+            if _undecodable(cell):
                 bad = name
                 break
             record[name] = _csv_value(cell)
@@ -159,10 +202,8 @@ def _csv_value(cell: str) -> Any:
     """CSV cells are strings; a cell holding a JSON list (chat messages) is decoded."""
     stripped = cell.strip()
     if stripped.startswith("[") and stripped.endswith("]"):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            return cell
+        value, error = _loads(stripped)
+        return cell if error else value
     return cell
 
 
@@ -173,8 +214,27 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: cannot read Parquet: {err}") from err
-    for i, record in enumerate(table.to_pylist(), start=1):
+    try:
+        records = table.to_pylist()
+    except Exception:  # e.g. a timestamp outside Python's range: find the cells that fail, one by one
+        yield from _parquet_cells(table)
+        return
+    for i, record in enumerate(records, start=1):
         yield RawRow(i, record)
+
+
+def _parquet_cells(table: Any) -> Iterator[RawRow]:
+    for i in range(table.num_rows):
+        record, bad = {}, None
+        for name in table.column_names:
+            try:
+                record[name] = table.column(name)[i].as_py()
+            except Exception as err:  # pyarrow raises OverflowError, ValueError, ArrowInvalid, ...
+                bad = bad or (name, f"{type(err).__name__}: {err}")
+        if bad:
+            yield RawRow(i + 1, None, f"cannot convert the value to Python ({bad[1]})", field=bad[0])
+        else:
+            yield RawRow(i + 1, record)
 
 
 def _read_datasets_dir(path: Path, split: str) -> Iterator[RawRow]:
