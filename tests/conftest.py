@@ -1,9 +1,15 @@
 """Shared test set-up: offline, deterministic, quiet."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# reference caches go to a per-run temp dir, never to the user's ~/.cache (subprocesses inherit it)
+os.environ["HALOKIT_CACHE"] = tempfile.mkdtemp(prefix="halokit-test-cache-")
+atexit.register(shutil.rmtree, os.environ["HALOKIT_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
@@ -13,12 +19,6 @@ def byte_tok():
     from halokit.data.tokenizer import byte_level_tokenizer
 
     return byte_level_tokenizer()
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Reference caches go to a per-session temp dir, never to the user's ~/.cache."""
-    monkeypatch.setenv("HALOKIT_CACHE", str(tmp_path_factory.getbasetemp() / "halokit-cache"))
 
 
 @pytest.fixture(autouse=True, scope="module")

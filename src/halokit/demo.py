@@ -110,8 +110,9 @@ def run_demo(out: str | Path, settings: DemoSettings, console: Console | None = 
             steps = max(1, min(s.align_steps, math.ceil(s.align_epochs * n / s.align_batch)))
             lr = {"kto": s.kto_lr, "dpo": s.dpo_lr, "csft": s.csft_lr}[method]
             extra = {"kto": [f"kto.beta={s.kto_beta}"], "dpo": [f"dpo.beta={s.dpo_beta}"], "csft": []}[method]
-            if len(pairs) < s.align_batch and method == "dpo":
-                notes.append(f"{scenario}/dpo: only {len(pairs)} pairs, fewer than one batch; skipped")
+            if n < s.align_batch:
+                notes.append(f"{scenario}/{method}: only {n} training examples, fewer than one batch of "
+                             f"{s.align_batch}; not trained")
                 continue
             runs[f"{scenario}/{method}"] = _train(out / f"{scenario}-{method}", console, [
                 f"method={method}", f"data.train={pair_file if method == 'dpo' else fb_file}",
