@@ -360,3 +360,15 @@ def test_peft_lora_model_uses_adapters_and_disable_adapter_gives_base():
     with torch.no_grad(), peft_model.disable_adapter():
         off = sequence_logps(peft_model, input_ids, completion_mask, **kwargs)
     torch.testing.assert_close(off.sums, base.sums, atol=1e-12, rtol=0)
+
+
+def test_models_that_transform_their_logits_are_refused_clearly():
+    """Gemma-style soft-capping would make lm_head(hidden) differ from the model's logits: a user error."""
+    from halokit.errors import UserError
+    from halokit.models import build_tiny_model
+
+    model = build_tiny_model(vocab_size=40, seed=0)
+    model.config.final_logit_softcapping = 30.0
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with pytest.raises(UserError, match="final_logit_softcapping=30.0"):
+        sequence_logps(model, ids, torch.tensor([[False, False, True, True]]))

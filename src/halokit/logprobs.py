@@ -34,6 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from halokit.errors import UserError
+
 
 class SequenceLogps(NamedTuple):
     """Per-sequence sums of completion-token log-probs."""
@@ -282,7 +284,8 @@ def _check_plain_head(causal_lm: nn.Module) -> None:
     for name, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
         value = getattr(config, name, None)
         if value is not None and value != neutral:
-            raise NotImplementedError(f"{type(causal_lm).__name__} transforms its logits ({name}={value})")
+            raise UserError(f"{type(causal_lm).__name__} transforms its logits ({name}={value}) after the LM head; "
+                            f"halokit's log-probs assume logits = lm_head(hidden) and do not support it yet")
 
 
 class LogpsModel(nn.Module):
