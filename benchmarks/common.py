@@ -213,8 +213,8 @@ def gemm_shapes(shape: dict, tokens: int, completion_tokens: int) -> list[tuple[
     return out
 
 
-def matmul_ceiling(gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, reps: int = 5,
-                   min_seconds: float = 0.02) -> float:
+def matmul_ceiling(gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, reps: int = 3,
+                   min_seconds: float = 0.01) -> float:
     """Achieved FLOP/s of the GEMM mix ``gemms`` in ``dtype``: total FLOPs / total time, i.e. the rate a
     step made only of these matmuls would reach. Each shape is timed ``reps`` times (each time over enough
     calls to last ``min_seconds``) after a warm-up, and its best time counts: the probe asks what the

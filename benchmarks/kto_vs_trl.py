@@ -23,10 +23,12 @@ TARGETS = {("halokit-bf16", "trl-default"): (3.0, None), ("halokit-bf16", "trl-b
 
 
 def cells(quick: bool = False) -> list[Cell]:
-    """Both shapes on variable-length data with every variant; the fixed-length variant with the main pair."""
+    """Variable-length data: bf16 variants on both shapes, and float32 against float32 on body-heavy (where the
+    backbone, not the LM head, dominates and the dtype matters most); fixed-length data: the main pair on both
+    shapes. Fewer cells than the full cross product, so that `make bench` stays within ~25 minutes."""
     if quick:
         return [Cell(METHOD, "head-heavy", "variable", ["halokit-bf16", "trl-best"])]
-    return [Cell(METHOD, shape, "variable", list(VARIANTS)) for shape in ("head-heavy", "body-heavy")] + \
+    return [Cell(METHOD, "head-heavy", "variable", VARIANTS[:3]), Cell(METHOD, "body-heavy", "variable", VARIANTS)] + \
         [Cell(METHOD, shape, "fixed", ["halokit-bf16", "trl-best"]) for shape in ("head-heavy", "body-heavy")]
 
 
