@@ -43,11 +43,17 @@ def test_version_and_help(capsys):
         assert f"usage: halokit {command}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["unlearn"])
-def test_unbuilt_commands_say_so(command, capsys):
-    assert main([command]) == 2
+@pytest.mark.parametrize("argv, message", [
+    (["unlearn", "bench", "--splits", "0,10"], "--splits: percentages must be in (0, 100), got [0]"),
+    (["unlearn", "bench", "--splits", "ten"], "--splits: expected comma-separated integers, got 'ten'"),
+    (["unlearn", "bench", "--methods", "npo,gaa"], "--methods: unknown ['gaa']"),
+    (["eval", "--model", "nowhere"], "give either --task demo, --prompts FILE"),
+])
+def test_bad_study_arguments_exit_2_in_one_line(argv, message, capsys, tmp_path):
+    assert main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "unlearn" else [])]) == 2
     err = capsys.readouterr().err
-    assert "is not built yet" in err and err.count("\n") == 1
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()  # nothing written before the arguments are checked
 
 
 def test_broken_line_7_exits_2_naming_the_line(tmp_path):

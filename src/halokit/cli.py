@@ -1,7 +1,7 @@
 """The ``halokit`` command.
 
 User errors (bad config, bad data, missing files) print one line on stderr and exit with code 2;
-``--debug`` shows the traceback instead. Subcommands whose engine is not built yet say so, exit 2.
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -18,10 +18,6 @@ from halokit import __version__
 from halokit.errors import UserError
 
 EXIT_USER_ERROR = 2
-
-
-class NotBuiltYet(UserError):
-    """A subcommand that a later piece of work delivers."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,15 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=4, help="sampled responses per prompt")
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most this many prompts")
     ev.add_argument("--out", help="write the metrics as JSON here")
+    ev.add_argument("--unlearning", metavar="FILE",
+                    help="TOFU metrics instead: a JSONL of {question, answer, paraphrased, perturbed: [...], set} "
+                         "rows, set = forget, retain or any other name (scored like TOFU's world facts)")
+    ev.add_argument("--retain-model", help="with --unlearning: the model trained without the forget set, for "
+                                           "forget quality")
     ev.set_defaults(handler=cmd_eval, command="eval")
 
     report = sub.add_parser("report", parents=[common], help="plots and a report from a run directory")
     report.add_argument("run_dir", help="a training run (metrics.jsonl) or a demo directory (results.json)")
     report.set_defaults(handler=cmd_report, command="report")
 
-    unlearn = sub.add_parser("unlearn", parents=[common], help="the TOFU-style unlearning benchmark")
-    unlearn.add_argument("action", nargs="?", choices=["bench"], help="what to run")
-    unlearn.set_defaults(handler=_not_built("unlearn", "the unlearning issue"), command="unlearn")
+    unlearn = sub.add_parser("unlearn", parents=[common], help="the TOFU-style unlearning benchmark",
+                             description="Fine-tune a small model on generated fictitious facts, unlearn "
+                                         "forget splits with GA/GD/NPO/NPO+RT/SimNPO/IdkDPO, and report "
+                                         "TOFU's forget quality and model utility. To unlearn your own data, "
+                                         "use `halokit train` with method=npo_rt, data.forget and data.retain.")
+    unlearn.add_argument("action", choices=["bench"], help="bench: run the whole study")
+    unlearn.add_argument("--out", help="output directory (default: runs/unlearn-<timestamp>); a rerun resumes it")
+    unlearn.add_argument("--splits", help="forget percentages, comma-separated (default 1,5,10,50)")
+    unlearn.add_argument("--methods", help="comma-separated, from ga,gd,npo,npo_rt,simnpo,idk_dpo (default all)")
+    unlearn.add_argument("--seeds", default="0", help="comma-separated seeds; each is a whole study (default 0)")
+    unlearn.add_argument("--quick", action="store_true", help="a small study (about 2 minutes), for tests")
+    unlearn.set_defaults(handler=cmd_unlearn, command="unlearn")
 
     data = sub.add_parser("data", parents=[common], help="validate, inspect and convert data files")
     data.set_defaults(handler=lambda a: data.print_help() or EXIT_USER_ERROR, command="data")
@@ -139,13 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     conv.set_defaults(handler=cmd_data_convert, command="data convert")
     return parser
-
-
-def _not_built(name: str, owner: str):
-    def handler(args: argparse.Namespace) -> int:
-        raise NotBuiltYet(f"'halokit {name}' is not built yet; it arrives with {owner}")
-
-    return handler
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -200,8 +203,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from halokit.evaluate import evaluate_model, load_judge
     from halokit.models import load_model, load_tokenizer
 
+    if args.unlearning:
+        return _eval_unlearning(args)
     if (args.task is None) == (args.prompts is None):
-        raise UserError("give either --task demo or --prompts FILE (with --judge)")
+        raise UserError("give either --task demo, --prompts FILE (with --judge) or --unlearning FILE")
     kinds = None
     if args.task == "demo":
         from halokit.tasks import demo_task
@@ -236,10 +241,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_unlearning(args: argparse.Namespace) -> int:
+    from halokit.models import load_model, load_tokenizer
+    from halokit.unlearn_metrics import evaluate_file, read_eval_file
+
+    read_eval_file(args.unlearning)  # a bad row stops here, before any model is loaded
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    retain_model = None
+    if args.retain_model:
+        retain_model = (load_model(args.retain_model), load_tokenizer(args.retain_model))
+    metrics = evaluate_file(args.unlearning, model, tok, retain_model=retain_model)
+    for name, part in metrics["sets"].items():
+        print(f"{name}: {part['n']} questions; probability {part['probability']:.4f}, ROUGE-L recall "
+              f"{part['rouge_l']:.4f}, truth ratio {part['truth_ratio']:.4f}")
+    if metrics.get("model_utility") is not None:
+        print(f"model utility {metrics['model_utility']:.4f}")
+    if metrics.get("forget_quality") is not None:
+        print(f"forget quality {metrics['forget_quality']:.3e} (KS statistic {metrics['ks_statistic']:.3f})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=1))
+    return 0
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    import time
+
+    from transformers.utils import logging as hf_logging
+
+    from halokit.unlearn_bench import UnlearnSettings, run_seeds, with_overrides
+
+    hf_logging.disable_progress_bar()
+    base = UnlearnSettings.quick() if args.quick else UnlearnSettings()
+    splits = _int_list(args.splits, "--splits") if args.splits else None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    settings = with_overrides(base, splits=splits, methods=methods)
+    seeds = _int_list(args.seeds, "--seeds")
+    out = args.out or f"runs/unlearn-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_seeds(out, settings, seeds)
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from halokit.report import write_report
+    from halokit.unlearn_report import is_unlearning_results
+    from halokit.unlearn_report import write_report as write_unlearning_report
 
-    paths = write_report(args.run_dir)
+    paths = (write_unlearning_report if is_unlearning_results(args.run_dir) else write_report)(args.run_dir)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -91,12 +91,16 @@ def prepare_data(cfg: Config, run: RunData, tokenizer: Any, *, num_processes: in
     if method is Method.KTO:
         weights = _kto_weights(cfg, examples, notes)
 
-    def split(items: list, *, micro: int = mbs, grad_accum: int = accum) -> Split:
+    def split(items: list, *, micro: int = mbs, grad_accum: int = accum, wrap: bool = False) -> Split:
         records, report = encode_examples(tokenizer, items, tok)
         if report.prompt_truncated or report.completion_truncated:
             notes.append(f"tokenized: {report}")
         plan = plan_batches(sequence_lengths(records), micro_batch_size=micro, grad_accum=grad_accum,
-                            num_processes=num_processes, seed=seed)
+                            num_processes=num_processes, seed=seed, wrap=wrap)
+        repeats = sum(len(mb) for step in plan.steps for rank in step for mb in rank) - len(items)
+        if repeats > 0:
+            notes.append(f"{repeats} examples repeat to fill the last optimizer step, so that every example "
+                         f"is used in every epoch")
         if plan.dropped:
             notes.append(f"{len(plan.dropped)} examples do not fill a last optimizer step and are left out "
                          f"of every epoch")
@@ -106,7 +110,7 @@ def prepare_data(cfg: Config, run: RunData, tokenizer: Any, *, num_processes: in
     if len(examples) < step_size:
         raise UserError(f"{len(examples)} training examples cannot fill one optimizer step of {step_size} "
                         f"(train.micro_batch_size × train.grad_accum × processes); lower them")
-    prepared = Prepared(split(examples), kto_weights=weights, notes=notes)
+    prepared = Prepared(split(examples, wrap=method.needs_forget), kto_weights=weights, notes=notes)
     if len(eval_examples) >= mbs * num_processes:
         prepared.eval = split(eval_examples, grad_accum=1)
     elif eval_examples:

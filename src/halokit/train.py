@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,17 +63,25 @@ def lr_lambda(total: int, warmup: int, schedule: str):
     return f
 
 
-def train(cfg: Config, run: RunData) -> Path:
-    """Train ``cfg.method`` on ``run``'s validated data; return the final model's directory."""
+StepHook = Callable[[int, torch.nn.Module], "dict | None"]
+
+
+def train(cfg: Config, run: RunData, *, on_step: StepHook | None = None) -> Path:
+    """Train ``cfg.method`` on ``run``'s validated data; return the final model's directory.
+
+    ``on_step(step, model)``, when given, is called on the main process before the first step (step 0)
+    and after every optimizer step, with the unwrapped model; a dict it returns is logged to
+    ``metrics.jsonl`` at that step (how the unlearning study measures a run as it goes).
+    """
     # saturated sigmoids make denormals that slow CPU backward ~2x; the flag is process-wide, so undo it after
     torch.set_flush_denormal(True)
     try:
-        return _train(cfg, run)
+        return _train(cfg, run, on_step)
     finally:
         torch.set_flush_denormal(False)
 
 
-def _train(cfg: Config, run: RunData) -> Path:
+def _train(cfg: Config, run: RunData, on_step: StepHook | None = None) -> Path:
     run_dir, method, t = run.run_dir, Method(cfg.method), cfg.train
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=_trackers(t.trackers),
                               project_dir=str(run_dir))
@@ -120,7 +129,14 @@ def _train(cfg: Config, run: RunData) -> Path:
         window, tokens, started = {}, 0, time.perf_counter()
         bar = make_progress(console)
         task = bar.add_task(f"{method.value}", total=total, completed=pos.step, info="")
+        def hook() -> None:
+            row = on_step(pos.step, model) if on_step is not None and main else None
+            if row:
+                log({"step": pos.step, **row})
+
         with bar if main else nullcontext():
+            if pos.step == 0:
+                hook()
             while pos.step < total:
                 # ---- forward / backward over the step's micro-batches
                 micro_batches = _step_batches(prepared, pos.step, cfg, accelerator.process_index, opts)
@@ -172,6 +188,7 @@ def _train(cfg: Config, run: RunData) -> Path:
                     row.update(step=pos.step)
                     log(row)
                     console.print(f"eval @ step {pos.step}: " + _brief(row, prefix="eval/"))
+                hook()
                 if pos.step == total or (t.save_every and pos.step % t.save_every == 0):
                     last_good = _save(run_dir, model, optimizer, scheduler, pos, cfg, accelerator)
                 bar.update(task, completed=pos.step)

@@ -233,3 +233,16 @@ def test_epoch_order_is_a_reproducible_permutation_that_changes_per_epoch():
     assert orders[0] != orders[1] != orders[2] != orders[0]
     assert plan.epoch_order(1, seed=7) == orders[1]
     assert plan.epoch_order(0, seed=8) != orders[0]
+
+
+def test_wrap_completes_the_last_step_with_every_example_once_or_twice():
+    from halokit.data.collate import plan_batches
+
+    lengths = [5 + i % 7 for i in range(45)]
+    plan = plan_batches(lengths, micro_batch_size=4, grad_accum=2, seed=3, wrap=True)
+    used = [i for step in plan.steps for rank in step for mb in rank for i in mb]
+    assert plan.dropped == () and plan.num_steps == 6 and len(used) == 48
+    assert set(used) == set(range(45))
+    assert sorted(used.count(i) for i in set(used))[-3:] == [2, 2, 2] and used.count(0) >= 1
+    same = plan_batches(lengths, micro_batch_size=4, grad_accum=2, seed=3, wrap=False)
+    assert len(same.dropped) == 5 and same.num_steps == 5

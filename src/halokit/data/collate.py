@@ -168,11 +168,14 @@ class BatchPlan:
 
 
 def plan_batches(lengths: Sequence[int], *, micro_batch_size: int, grad_accum: int = 1, num_processes: int = 1,
-                 seed: int = 0, bucket_steps: int = 16) -> BatchPlan:
+                 seed: int = 0, bucket_steps: int = 16, wrap: bool = False) -> BatchPlan:
     """Group example indices into step batches of similar length (see module docstring).
 
     ``lengths`` are the token lengths of the examples. Length bucketing: shuffle, cut into windows of
-    ``bucket_steps`` step batches, sort each window by length, slice it into step batches.
+    ``bucket_steps`` step batches, sort each window by length, slice it into step batches. The examples
+    that do not fill a last step batch are dropped, or with ``wrap`` the last batch is completed with the
+    first examples of the shuffled order (so every example is in every epoch, a few twice: what unlearning
+    needs, where each forget example left out would stay remembered).
     """
     step_size = micro_batch_size * grad_accum * num_processes
     if len(lengths) < step_size:
@@ -180,6 +183,9 @@ def plan_batches(lengths: Sequence[int], *, micro_batch_size: int, grad_accum: i
                          f"(micro_batch_size × grad_accum × processes)")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(lengths), generator=gen).tolist()
+    rest = len(order) % step_size
+    if wrap and rest:
+        order += order[:step_size - rest]
     usable = len(order) - len(order) % step_size
     kept, dropped = order[:usable], order[usable:]
     window = step_size * bucket_steps
