@@ -91,7 +91,8 @@ def prepare_data(cfg: Config, run: RunData, tokenizer: Any, *, num_processes: in
     if method is Method.KTO:
         weights = _kto_weights(cfg, examples, notes)
 
-    def split(items: list, *, micro: int = mbs, grad_accum: int = accum, wrap: bool = False) -> Split:
+    def split(items: list, *, micro: int = mbs, grad_accum: int = accum, wrap: bool = False,
+              name: str = "train") -> Split:
         records, report = encode_examples(tokenizer, items, tok)
         if report.prompt_truncated or report.completion_truncated:
             notes.append(f"tokenized: {report}")
@@ -99,10 +100,10 @@ def prepare_data(cfg: Config, run: RunData, tokenizer: Any, *, num_processes: in
                             num_processes=num_processes, seed=seed, wrap=wrap)
         repeats = sum(len(mb) for step in plan.steps for rank in step for mb in rank) - len(items)
         if repeats > 0:
-            notes.append(f"{repeats} examples repeat to fill the last optimizer step, so that every example "
+            notes.append(f"{name}: {repeats} examples repeat to fill the last optimizer step, so that every example "
                          f"is used in every epoch")
         if plan.dropped:
-            notes.append(f"{len(plan.dropped)} examples do not fill a last optimizer step and are left out "
+            notes.append(f"{name}: {len(plan.dropped)} examples do not fill a last optimizer step and are left out "
                          f"of every epoch")
         return Split(records, plan)
 
@@ -110,9 +111,10 @@ def prepare_data(cfg: Config, run: RunData, tokenizer: Any, *, num_processes: in
     if len(examples) < step_size:
         raise UserError(f"{len(examples)} training examples cannot fill one optimizer step of {step_size} "
                         f"(train.micro_batch_size × train.grad_accum × processes); lower them")
-    prepared = Prepared(split(examples, wrap=method.needs_forget), kto_weights=weights, notes=notes)
+    prepared = Prepared(split(examples, wrap=method.needs_forget, name=main_split), kto_weights=weights,
+                        notes=notes)
     if len(eval_examples) >= mbs * num_processes:
-        prepared.eval = split(eval_examples, grad_accum=1)
+        prepared.eval = split(eval_examples, grad_accum=1, name="eval")
     elif eval_examples:
         notes.append(f"eval: {len(eval_examples)} examples are fewer than one micro-batch per process; "
                      f"no evaluation")
@@ -120,7 +122,7 @@ def prepare_data(cfg: Config, run: RunData, tokenizer: Any, *, num_processes: in
         retain = list(run.splits["retain"])
         if len(retain) < mbs * num_processes:
             raise UserError(f"data.retain: {len(retain)} examples are fewer than one micro-batch per process")
-        prepared.retain = split(retain, grad_accum=1)
+        prepared.retain = split(retain, grad_accum=1, name="retain")
     return prepared
 
 

@@ -39,10 +39,20 @@ def test_numbers_are_consistent(study):
 
 
 def test_npo_keeps_more_utility_than_ga(study):
-    """NPO's claim (arXiv 2404.05868): GA's utility collapses as it forgets; NPO's drifts far slower."""
+    """NPO's claim (arXiv 2404.05868): GA's utility collapses as it forgets; NPO's weight on a forgotten
+    example vanishes, so it drifts more slowly, and NPO+RT stays useful while forgetting."""
     runs = json.loads((study / "results.json").read_text())["runs"]
-    ga, npo, rt = (runs[f"forget10-{m}"]["final"]["model_utility"] for m in ("ga", "npo", "npo_rt"))
-    assert npo > ga and rt > ga
+    ga, npo, rt = (runs[f"forget10-{m}"] for m in ("ga", "npo", "npo_rt"))
+    assert ga["final"]["utility_kept"] < 0.2  # GA collapses ...
+    assert rt["final"]["utility_kept"] > 0.8  # ... while NPO+RT keeps its utility
+    assert rt["final"]["model_utility"] > ga["final"]["model_utility"] + 0.3
+    # plain NPO (no retain term) on a 4-person forget set collapses too, but never faster than GA
+    for a, b in zip(npo["curve"], ga["curve"]):
+        assert a["step"] == b["step"] and a["model_utility"] >= b["model_utility"] - 0.01
+    # forgetting happened: the forget answers became unlikely and forget quality rose from its start
+    for r in (ga, npo, rt):
+        assert r["curve"][-1]["forget/probability"] < 0.2 * r["curve"][0]["forget/probability"]
+        assert max(p["forget_quality"] for p in r["curve"]) > 100 * r["curve"][0]["forget_quality"]
 
 
 def test_report_regenerates(study, capsys):
