@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "in three scenarios, evaluate, and write a report.")
     demo.add_argument("--out", help="run directory (default: runs/demo-<timestamp>); a rerun resumes it")
     demo.add_argument("--seed", type=int, default=0, help="seed of the task, models and sampling")
-    demo.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes), for tests")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes), for tests")
     demo.set_defaults(handler=cmd_demo, command="demo")
 
     ev = sub.add_parser("eval", parents=[common], help="sample and score a model on prompts",

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from halokit.cli import main
 
@@ -10,7 +11,12 @@ from halokit.cli import main
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("unlearn")
-    assert main(["unlearn", "bench", "--quick", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # worth both cores (conftest sets 1 for small tests)
+    try:
+        assert main(["unlearn", "bench", "--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
