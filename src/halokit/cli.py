@@ -245,12 +245,12 @@ def _eval_unlearning(args: argparse.Namespace) -> int:
     from halokit.models import load_model, load_tokenizer
     from halokit.unlearn_metrics import evaluate_file, read_eval_file
 
-    read_eval_file(args.unlearning)  # a bad row stops here, before any model is loaded
+    items = read_eval_file(args.unlearning)  # a bad row stops here, before any model is loaded
     model, tok = load_model(args.model), load_tokenizer(args.model)
     retain_model = None
     if args.retain_model:
         retain_model = (load_model(args.retain_model), load_tokenizer(args.retain_model))
-    metrics = evaluate_file(args.unlearning, model, tok, retain_model=retain_model)
+    metrics = evaluate_file(items, model, tok, retain_model=retain_model)
     for name, part in metrics["sets"].items():
         print(f"{name}: {part['n']} questions; probability {part['probability']:.4f}, ROUGE-L recall "
               f"{part['rouge_l']:.4f}, truth ratio {part['truth_ratio']:.4f}")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from halokit.config import load_config, save_config
 from halokit.data.convert import feedback_to_pairs, write_examples
 from halokit.data.examples import FeedbackExample
+from halokit.stages import cached_tokenizer, train_stage
 from halokit.tasks import demo_task
 
 SCENARIOS = ("balanced", "scarce", "noisy")
@@ -79,13 +79,13 @@ def run_demo(out: str | Path, settings: DemoSettings, console: Console | None = 
     s = settings
     (out / "demo_settings.json").write_text(json.dumps(asdict(s), indent=1))
     train_pool, heldout_pool = demo_task.prompt_pools(s.seed)
-    tokenizer_dir = _tokenizer(out)
+    tokenizer_dir = cached_tokenizer(out, demo_task.corpus())
     demos = out / "demonstrations.jsonl"
     if not demos.is_file():
         write_examples(demo_task.demonstrations(train_pool, s.n_demos, seed=s.seed), demos)
 
     console.rule("[bold]1. SFT on demonstrations")
-    sft_dir = _train(out / "sft", console, [
+    sft_dir = train_stage(out / "sft", console, [
         "method=sft", f"data.train={demos}", f"model.tiny={json.dumps(s.model)}", f"model.tokenizer={tokenizer_dir}",
         f"train.max_steps={s.sft_steps}", f"train.micro_batch_size={s.sft_batch}", f"train.lr={s.sft_lr}",
         "train.schedule=cosine", "train.warmup_ratio=0.05", "train.log_every=25", f"train.seed={s.seed}"])
@@ -114,7 +114,7 @@ def run_demo(out: str | Path, settings: DemoSettings, console: Console | None = 
                 notes.append(f"{scenario}/{method}: only {n} training examples, fewer than one batch of "
                              f"{s.align_batch}; not trained")
                 continue
-            runs[f"{scenario}/{method}"] = _train(out / f"{scenario}-{method}", console, [
+            runs[f"{scenario}/{method}"] = train_stage(out / f"{scenario}-{method}", console, [
                 f"method={method}", f"data.train={pair_file if method == 'dpo' else fb_file}",
                 f"model.path={sft_dir}", f"train.max_steps={steps}", f"train.micro_batch_size={s.align_batch}",
                 f"train.lr={lr}", "train.warmup_ratio=0.1", "train.log_every=5", f"train.seed={s.seed}",
@@ -153,32 +153,6 @@ def _verdicts(models: dict, s: DemoSettings) -> list[str]:
         lines.append(f"{scenario}: SFT {sft:.1f} % → {parts}; best here: {best.upper()}"
                      + ("" if best == "kto" else f" (KTO trails it by {known[best] - known.get('kto', 0):.1f} points)"))
     return lines
-
-
-def _tokenizer(out: Path) -> Path:
-    from halokit.data.tokenizer import train_bpe_tokenizer
-
-    path = out / "tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        train_bpe_tokenizer(demo_task.corpus(), vocab_size=1000).save_pretrained(str(path))
-    return path
-
-
-def _train(run_dir: Path, console: Console, overrides: list[str]) -> Path:
-    """One ``halokit train`` run, skipped when its final model exists already."""
-    from halokit.run import prepare_run
-    from halokit.train import train
-
-    model_dir = run_dir / "model"
-    if (model_dir / "config.json").is_file():
-        console.print(f"{run_dir.name}: done earlier, reusing {model_dir}")
-        return model_dir
-    cfg = load_config(None, [*overrides, f"output_dir={run_dir}", "data.max_length=96",
-                             "data.max_prompt_length=48"])
-    run = prepare_run(cfg)
-    save_config(cfg, run.run_dir)
-    console.print(f"[bold]{run_dir.name}[/bold]: {cfg.method}, {cfg.train.max_steps} steps")
-    return train(cfg, run)
 
 
 def _feedback(out: Path, sft_dir: Path, pool, s: DemoSettings, console: Console) -> list[FeedbackExample]:

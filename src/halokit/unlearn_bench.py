@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from halokit.config import load_config, save_config
+from halokit.stages import cached_tokenizer, train_stage
 
 METHODS = ("ga", "gd", "npo", "npo_rt", "simnpo", "idk_dpo")
 SPLITS = (1, 5, 10, 50)
@@ -98,17 +98,17 @@ def run_study(out: str | Path, settings: UnlearnSettings, console: Console | Non
 
     data = facts.generate_facts(s.n_people, seed=s.seed, n_famous=s.n_famous, splits=s.splits)
     files = facts.write_files(data, out / "data", splits=s.splits)
-    tokenizer_dir = _tokenizer(out, facts.corpus(data), s.vocab_size)
+    tokenizer_dir = cached_tokenizer(out, facts.corpus(data), s.vocab_size)
     console.print(f"data: {len(data.people)} people, {len(data.qa)} person QA, {len(data.famous)} famous, "
                   f"{len(data.world)} world facts -> {out / 'data'}")
 
     console.rule("[bold]1. Fine-tuning: the full model and one retain-only model per split")
     n_full = len(data.training_set(None))
-    full = _train(out / "full", console, _finetune_overrides(s, files["full"], n_full, tokenizer_dir))
+    full = train_stage(out / "full", console, _finetune_overrides(s, files["full"], n_full, tokenizer_dir))
     retain_only = {}
     for p in s.splits:
         n = len(data.training_set(p))
-        retain_only[p] = _train(out / f"retain_only{p:02d}", console,
+        retain_only[p] = train_stage(out / f"retain_only{p:02d}", console,
                                 _finetune_overrides(s, files[f"retain_only{p:02d}"], n, tokenizer_dir))
 
     console.rule("[bold]2. Evaluation sets")
@@ -142,38 +142,12 @@ def run_study(out: str | Path, settings: UnlearnSettings, console: Console | Non
 
 
 # ----------------------------------------------------------------------------------------- stages
-def _tokenizer(out: Path, texts: list[str], vocab_size: int) -> Path:
-    from halokit.data.tokenizer import train_bpe_tokenizer
-
-    path = out / "tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        train_bpe_tokenizer(texts, vocab_size=vocab_size).save_pretrained(str(path))
-    return path
-
-
 def _finetune_overrides(s: UnlearnSettings, data_file: Path, n: int, tokenizer_dir: Path) -> list[str]:
     steps = max(1, math.ceil(s.finetune_epochs * n / s.finetune_batch))
     return ["method=sft", f"data.train={data_file}", f"model.tiny={json.dumps(s.model)}",
             f"model.tokenizer={tokenizer_dir}", f"train.max_steps={steps}", f"train.micro_batch_size={s.finetune_batch}",
             f"train.lr={s.finetune_lr}", "train.schedule=cosine", "train.warmup_ratio=0.03", "train.log_every=50",
             f"train.seed={s.seed}"]
-
-
-def _train(run_dir: Path, console: Console, overrides: list[str], on_step=None) -> Path:
-    """One ``halokit train`` run, skipped when its final model exists already."""
-    from halokit.run import prepare_run
-    from halokit.train import train
-
-    model_dir = run_dir / "model"
-    if (model_dir / "config.json").is_file():
-        console.print(f"{run_dir.name}: done earlier, reusing {model_dir}")
-        return model_dir
-    cfg = load_config(None, [*overrides, f"output_dir={run_dir}", "data.max_length=96",
-                             "data.max_prompt_length=48"])
-    run = prepare_run(cfg)
-    save_config(cfg, run.run_dir)
-    console.print(f"[bold]{run_dir.name}[/bold]: {cfg.method}, {cfg.train.max_steps} steps")
-    return train(cfg, run, on_step=on_step)
 
 
 def _eval_sets(data, s: UnlearnSettings) -> dict:
@@ -276,7 +250,7 @@ def _unlearn(run_dir: Path, console: Console, method: str, split: int, steps: in
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    _train(run_dir, console, [f"method={method}", f"model.path={full}", f"data.forget={files['forget' + p]}",
+    train_stage(run_dir, console, [f"method={method}", f"model.path={full}", f"data.forget={files['forget' + p]}",
                               *retain, f"train.max_steps={steps}", f"train.micro_batch_size={s.unlearn_batch}",
                               f"train.lr={s.unlearn_lr}", "train.warmup_ratio=0.0", "train.log_every=5",
                               f"train.seed={s.seed}", *settings[method]], on_step=on_step)

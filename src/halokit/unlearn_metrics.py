@@ -261,15 +261,14 @@ def read_eval_file(path: str) -> list[EvalItem]:
     return items
 
 
-def evaluate_file(path: str, model: Any, tokenizer: Any, *, retain_model: tuple[Any, Any] | None = None,
-                  max_new_tokens: int = 48) -> dict:
-    """TOFU's metrics of ``model`` on a user's evaluation file (`read_eval_file`).
+def evaluate_file(items: Sequence[EvalItem], model: Any, tokenizer: Any, *,
+                  retain_model: tuple[Any, Any] | None = None, max_new_tokens: int = 48) -> dict:
+    """TOFU's metrics of ``model`` on the rows of a user's evaluation file (as `read_eval_file` returns them).
 
     Returns ``{"sets": {name: evaluate_set result}, "model_utility": harmonic mean of the 3 numbers of every
     set other than ``forget`` (None without one), "forget_quality", "ks_statistic"}`` — forget quality only
     when the file has a ``forget`` set and ``retain_model`` = (model, tokenizer) trained without it is given.
     """
-    items = read_eval_file(path)
     names = list(dict.fromkeys(it.set for it in items))
     sets = {}
     for name in names:

@@ -75,15 +75,19 @@ def plot_curves(runs: Mapping, split: int, out_png: Path) -> None:
     fig.savefig(out_png, dpi=100)
 
 
+def _split_panels(runs: Mapping, height: float):
+    """A figure with one panel per split; yields (axes, split, that split's runs)."""
+    splits = _splits(runs)
+    fig = Figure(figsize=(4.2 * len(splits), height))
+    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    return fig, [(ax, split, [r for r in runs.values() if r["split"] == split]) for ax, split in zip(axes, splits)]
+
+
 def plot_tradeoff(runs: Mapping, out_png: Path) -> None:
     """Forget quality vs utility at the final step (hollow) and the best useful step (filled)."""
-    splits = _splits(runs)
-    fig = Figure(figsize=(4.2 * len(splits), 4))
-    axes = fig.subplots(1, len(splits), squeeze=False)[0]
-    for ax, split in zip(axes, splits):
-        for r in runs.values():
-            if r["split"] != split:
-                continue
+    fig, panels = _split_panels(runs, 4)
+    for ax, split, split_runs in panels:
+        for r in split_runs:
             color = COLORS.get(r["method"])
             f = r["final"]
             ax.scatter([f["model_utility"]], [max(f["forget_quality"], 1e-30)], facecolors="none",
@@ -100,14 +104,11 @@ def plot_tradeoff(runs: Mapping, out_png: Path) -> None:
 
 def plot_distance(runs: Mapping, out_png: Path) -> None:
     """‖θ − θ₀‖₂ against the step, one panel per split."""
-    splits = _splits(runs)
-    fig = Figure(figsize=(4.2 * len(splits), 3.6))
-    axes = fig.subplots(1, len(splits), squeeze=False)[0]
-    for ax, split in zip(axes, splits):
-        for r in runs.values():
-            if r["split"] == split:
-                ax.plot([p["step"] for p in r["curve"]], [p["weight_distance"] for p in r["curve"]], "o-",
-                        color=COLORS.get(r["method"]), label=r["method"])
+    fig, panels = _split_panels(runs, 3.6)
+    for ax, split, split_runs in panels:
+        for r in split_runs:
+            ax.plot([p["step"] for p in r["curve"]], [p["weight_distance"] for p in r["curve"]], "o-",
+                    color=COLORS.get(r["method"]), label=r["method"])
         ax.set(xlabel="unlearning step", ylabel="‖θ − θ₀‖₂", title=f"forget {split} %")
         ax.legend(fontsize=7)
     fig.tight_layout()
