@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.common import EPOCHS
+
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 # Fixed for both sides. Blocks above it come from mmap and go back to the OS on free, so peak RSS follows the
@@ -26,7 +28,10 @@ THREADS = 2
 MMAP_THRESHOLD = 4 << 20
 DRIFT = 0.10
 RETRIES = 1
-WARMUP_STEPS = 1
+# Each trial trains EPOCHS (common.py) epochs over the same data and is timed over the last one only: the first compiles
+# every kernel the run needs. bf16 matmuls on CPU (oneDNN/AMX) are compiled per GEMM shape, ~2-4 ms each against
+# ~0.3 ms for the product, so a cold epoch measures mostly compilation; a long run has met all its shapes after a
+# few hundred steps (TRL: one per padded width; halokit: one per bucketed row width) and runs warm from then on.
 TRIAL_TIMEOUT_S = 900
 
 
@@ -81,19 +86,24 @@ def drift(result: dict) -> float:
 
 
 def measure(result: dict, workspace: dict) -> dict:
-    """Tokens/s, useful FLOP/s and MFU over the steps after the warm-up, from a trial and its workspace."""
+    """Tokens/s, useful FLOP/s and MFU over the last (warm) epoch, from a trial and its workspace; also the
+    first (cold) epoch's tokens/s."""
     side = result["side"]
     begin, end = result["begin"], result["end"]
-    if len(begin) != len(workspace["steps"][side]):
-        raise RuntimeError(f"{result['variant']} ran {len(begin)} steps, expected {len(workspace['steps'][side])}")
-    if side == "halokit" and result["batches"] != workspace["steps"]["halokit"]:
+    n = len(workspace["steps"][side])
+    if len(begin) != EPOCHS * n:
+        raise RuntimeError(f"{result['variant']} ran {len(begin)} steps, expected {EPOCHS} epochs of {n}")
+    batches = result.get("batches")
+    if side == "halokit" and (batches[:n] != workspace["steps"]["halokit"]
+                              or any(sorted(batches[e * n:(e + 1) * n]) != sorted(batches[:n]) for e in range(EPOCHS))):
         raise RuntimeError("halokit's batches differ from the plan the FLOP counter used")
-    seconds = end - begin[WARMUP_STEPS]
-    tokens = sum(workspace["tokens"][side][WARMUP_STEPS:])
-    flops = sum(workspace["flops"][side][WARMUP_STEPS:])
+    seconds = end - begin[(EPOCHS - 1) * n]
+    tokens = sum(workspace["tokens"][side])
+    flops = sum(workspace["flops"][side])
     ceiling = (result["ceiling_before"] + result["ceiling_after"]) / 2
     return {"tokens_per_s": tokens / seconds, "useful_flops_per_s": flops / seconds, "ceiling": ceiling,
-            "mfu": flops / seconds / ceiling, "step_s": seconds / (len(begin) - WARMUP_STEPS)}
+            "mfu": flops / seconds / ceiling, "step_s": seconds / n,
+            "cold_tokens_per_s": tokens / (begin[n] - begin[0]) if EPOCHS > 1 else None}
 
 
 def run_cell(cell: Cell, rounds: int, work: Path, log=print, *, retries: int = RETRIES) -> Cell:
@@ -136,7 +146,7 @@ def summarize(cell: Cell, pairs: list[tuple[str, str]], *, unstable: bool = Fals
             return statistics.median(t[key] for t in ok) if ok else None
 
         variants[v] = {
-            "tokens_per_s": med("tokens_per_s"), "peak_rss_mib": med("peak_rss") and med("peak_rss") / 2**20,
+            "tokens_per_s": med("tokens_per_s"), "cold_tokens_per_s": med("cold_tokens_per_s"), "peak_rss_mib": med("peak_rss") and med("peak_rss") / 2**20,
             "mfu": med("mfu"), "useful_gflops_per_s": med("useful_flops_per_s") and med("useful_flops_per_s") / 1e9,
             "ceiling_gflops_per_s": med("ceiling") and med("ceiling") / 1e9, "step_s": med("step_s"),
             "reference_s": med("reference_s") if ok and ok[0].get("reference_s") is not None else None,

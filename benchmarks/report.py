@@ -148,8 +148,11 @@ def markdown(results: dict) -> str:
            f"- A matmul probe (the step's GEMMs at the model's shapes — forward, input- and weight-gradient — in the "
            f"trial's dtype, best of 3) runs before and after each trial; a trial is dropped and rerun when the probe "
            f"moved more than {run['drift_limit']:.0%}. MFU = useful FLOP/s / the probe's FLOP/s.",
-           f"- One epoch of {run['steps']} optimizer steps of 8 examples; step 1 is a warm-up, tokens/s is over the "
-           f"rest. Tokens are real prompt + completion tokens (for DPO both sequences), no padding, no KL pairs.",
+           f"- {run['epochs']} epochs of the same {run['steps']} optimizer steps of 8 examples; the first is a warm-up "
+           f"and tokens/s is over the last (warm) epoch. bf16 matmuls on CPU compile a kernel per new GEMM shape "
+           f"(oneDNN; ~2-4 ms each on AMX against ~0.3 ms for the product), so a cold epoch mostly measures "
+           f"compilation, which a long run pays once per shape; the cold epoch's tokens/s is in results.json. "
+           f"Tokens are real prompt + completion tokens (for DPO both sequences), no padding, no KL pairs.",
            "- Same model file (random Llama, seed 0), same data file, batch 8, AdamW lr 1e-5 constant, no weight decay, "
            "clip 1.0, β 0.1, KTO λ_D = λ_U = 1. halokit runs `halokit.train.train` (public API: `load_config`, "
            "`prepare_run`, `train`) including its reference-cache pass, timed separately as a one-off; TRL runs "

@@ -28,7 +28,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one alternation of halokit-bf16 vs trl-best, head-heavy")
     p.add_argument("--rounds", type=int, help="alternated rounds per cell (default 5; --quick: 1)")
-    p.add_argument("--steps", type=int, help="optimizer steps per trial, the first one a warm-up (default 5)")
+    p.add_argument("--steps", type=int, help="optimizer steps per epoch (default 6; each trial runs a warm-up epoch, then a timed one)")
     p.add_argument("--only", choices=sorted(BENCHMARKS), help="run one benchmark")
     p.add_argument("--out", type=Path, help="where results.md/json go (default: benchmarks/; --quick: the work dir)")
     p.add_argument("--work", type=Path, help="scratch directory for models, data and trial logs (default: a temp dir)")
@@ -39,7 +39,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     rounds = args.rounds or (1 if args.quick else 5)
-    steps = args.steps or (2 if args.quick else 4)
+    steps = args.steps or (2 if args.quick else 6)
     work = args.work or Path(tempfile.mkdtemp(prefix="halokit-bench-"))
     out = args.out or (work if args.quick else HERE)
     started, load_before = time.time(), os.getloadavg()
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"{name}: step-0 loss equality (float32)")
         results["loss_equality"] += BENCHMARKS[name].loss_equality(shapes)
-    results["run"] = {"quick": args.quick, "rounds": rounds, "steps": steps, "warmup_steps": harness.WARMUP_STEPS,
+    results["run"] = {"quick": args.quick, "rounds": rounds, "steps": steps, "epochs": harness.EPOCHS,
                       "threads": harness.THREADS, "mmap_threshold": harness.MMAP_THRESHOLD,
                       "drift_limit": harness.DRIFT, "minutes": (time.time() - started) / 60,
                       "load_before": load_before, "load_after": os.getloadavg()}

@@ -18,6 +18,7 @@ import torch
 
 from benchmarks.common import (
     BATCH_SIZE,
+    EPOCHS,
     BETA,
     LR,
     MAX_LENGTH,
@@ -55,7 +56,7 @@ def halokit_overrides(ws: Workspace, workdir: Path, dtype: str) -> list[str]:
     return [f"method={ws.method}", f"output_dir={workdir / 'run'}", f"model.path={ws.model_dir}",
             "model.tokenizer=byte", f"model.dtype={dtype}", f"data.train={ws.data_file}",
             f"data.max_length={MAX_LENGTH}", f"data.max_prompt_length={MAX_PROMPT_LENGTH}",
-            f"train.micro_batch_size={BATCH_SIZE}", "train.grad_accum=1", "train.epochs=1", f"train.lr={LR}",
+            f"train.micro_batch_size={BATCH_SIZE}", "train.grad_accum=1", f"train.epochs={EPOCHS}", f"train.lr={LR}",
             "train.warmup_ratio=0", "train.schedule=constant", "train.weight_decay=0", "train.max_grad_norm=1.0",
             f"train.seed={SEED}", "train.log_every=1", f"train.cache_dir={workdir / 'cache'}", *method_keys]
 
@@ -185,7 +186,7 @@ def run_trl(ws: Workspace, workdir: Path, settings: dict, profiler: StepProfiler
     Trainer._precompute_ref_logps = timed_precompute
     model = AutoModelForCausalLM.from_pretrained(ws.model_dir, dtype=torch.float32)
     rows = [json.loads(line) for line in Path(ws.data_file).read_text().splitlines()]
-    args = Config(output_dir=str(workdir / "trl"), per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
+    args = Config(output_dir=str(workdir / "trl"), per_device_train_batch_size=BATCH_SIZE, num_train_epochs=EPOCHS,
                   learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                   max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
                   use_cpu=True, max_length=MAX_LENGTH, beta=BETA, train_sampling_strategy="sequential",

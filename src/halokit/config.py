@@ -53,7 +53,12 @@ class ModelSettings:
                                        "halokit's byte-level tokenizer")
     dtype: Literal["float32", "bfloat16"] = _opt("float32", "compute dtype; bfloat16 uses autocast over "
                                                             "float32 master weights")
-    attn_implementation: Literal["sdpa", "eager"] = _opt("sdpa", "attention kernel")
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager"] = _opt(
+        "auto", "attention kernel: varlen (packed rows attend per sequence, halokit.attention), sdpa or eager; "
+                "auto = varlen where the model allows it, else sdpa")
+    bf16_weights: bool = _opt(True, "with dtype=bfloat16, full fine-tuning and one process: bf16 weights in the "
+                                    "model, float32 master weights in the optimizer (halokit.precision); false: "
+                                    "autocast over float32 weights")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     trust_remote_code: bool = _opt(False, "allow model code from the Hub to run (off unless you trust it)")
     lora: LoraSettings = _opt(doc="LoRA settings", factory=LoraSettings)

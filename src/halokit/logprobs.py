@@ -20,7 +20,8 @@ so that a 150k-token vocabulary does not allocate gigabytes per chunk and each b
 
 Packed rows (several sequences per row, `position_ids` restarting at 0) need no attention mask and
 `use_cache=False`, or transformers silently attends across sequences (STACK.md); `sequence_logps`
-enforces both.
+enforces both. A model switched to varlen attention (:mod:`halokit.attention`) attends each packed
+sequence on its own; otherwise transformers builds a block-diagonal mask over the row.
 
 Distributed wrappers (DDP, FSDP) expect their own forward to run; `sequence_logps` calls the
 backbone and the head directly, so pass it the unwrapped model only where gradients are synced
@@ -34,6 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from halokit.attention import decoder_kwargs, is_varlen
 from halokit.errors import UserError
 
 
@@ -162,7 +164,22 @@ def token_logps_from_hidden(
         low = torch.get_autocast_dtype(kind)
         if hidden.is_floating_point() and hidden.dtype.itemsize > low.itemsize:
             hidden = hidden.to(low)
-    return _ChunkedLinearLogSoftmax.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)
+    n = hidden.shape[0]
+    rows = _bucketed_rows(n, chunk_size) if kind == "cpu" and hidden.dtype == torch.bfloat16 else n
+    if rows > n:  # zero rows with target 0: their log-probs are dropped, so they get no gradient
+        hidden = nn.functional.pad(hidden, (0, 0, 0, rows - n))
+        targets = nn.functional.pad(targets, (0, rows - n))
+    logps = _ChunkedLinearLogSoftmax.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)
+    return logps[:n]
+
+
+def _bucketed_rows(n: int, chunk_size: int) -> int:
+    """Rows to compute so that every chunk has one of few shapes: full chunks, and a last one of
+    ``bucket_size`` rows (bf16 matmuls on CPU compile a kernel per new shape, see ``data.collate``)."""
+    from halokit.data.collate import bucket_size
+
+    full, rest = divmod(n, chunk_size)
+    return full * chunk_size + (min(bucket_size(rest), chunk_size) if rest else 0)
 
 
 def sequence_logps_from_hidden(
@@ -260,8 +277,11 @@ def sequence_logps(
     # peft: the base model's modules still hold the injected LoRA layers (and honour disable_adapter)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     _check_plain_head(causal_lm)
+    extra = {"attention_mask": attention_mask}
+    if sequence_ids is not None and is_varlen(causal_lm):  # each sequence attends only to itself
+        extra = decoder_kwargs(position_ids)
     hidden = causal_lm.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state  # (B, T, H)
     return sequence_logps_from_hidden(
         hidden,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from halokit.attention import use_varlen
 from halokit.errors import ConfigError, UserError
 from halokit.lora import _first_line, _peft_model, _quiet_peft, add_lora, has_adapters
 
@@ -226,17 +227,18 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
 
     Tiny models use the byte tokenizer unless ``settings.tokenizer`` says otherwise and get
     ``vocab_size`` rows (default: the tokenizer's size). Then: a pad token (falls back to EOS),
-    gradient checkpointing when asked, and LoRA when ``settings.lora.r > 0``. ``seed`` fixes the
+    varlen attention (``halokit.attention``) when ``attn_implementation`` is auto or varlen and the
+    model qualifies, gradient checkpointing when asked, and LoRA when ``settings.lora.r > 0``. ``seed`` fixes the
     tiny model's and the LoRA weights' initialisation.
     """
+    attn = "sdpa" if settings.attn_implementation in ("auto", "varlen") else settings.attn_implementation
     if settings.tiny is not None:
         tokenizer = load_tokenizer(settings.tokenizer or "byte", trust_remote_code=settings.trust_remote_code)
         model = build_tiny_model(settings.tiny, vocab_size=vocab_size or len(tokenizer), seed=seed,
-                                 attn_implementation=settings.attn_implementation)
+                                 attn_implementation=attn)
     else:
         model = load_model(settings.path, gguf_file=settings.gguf_file, dtype=settings.dtype,
-                           attn_implementation=settings.attn_implementation,
-                           trust_remote_code=settings.trust_remote_code)
+                           attn_implementation=attn, trust_remote_code=settings.trust_remote_code)
         tokenizer = load_tokenizer(settings.tokenizer or settings.path,
                                    gguf_file=None if settings.tokenizer else settings.gguf_file,
                                    trust_remote_code=settings.trust_remote_code)
@@ -245,6 +247,11 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
     if len(tokenizer) > rows:
         raise UserError(f"{settings.path or 'model.tiny'}: the tokenizer has {len(tokenizer)} tokens but the "
                         f"model embeds only {rows}")
+    if settings.attn_implementation in ("auto", "varlen"):
+        why = use_varlen(model)
+        if why is not None and settings.attn_implementation == "varlen":
+            raise ConfigError(f"model.attn_implementation=varlen: {settings.path or 'model.tiny'} cannot use it "
+                              f"({why}); use auto or sdpa")
     if settings.gradient_checkpointing:
         model.config.use_cache = False  # a cache is incompatible with recomputation
         model.activation_checkpointing_enable()  # also makes embedding outputs require grad, for LoRA

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from halokit.attention import is_varlen
 from halokit.config import Config
 from halokit.data.collate import BatchPlan, attention_cost, plan_batches, sequence_lengths
 from halokit.data.examples import FeedbackExample, ForgetExample, PreferenceExample
@@ -31,6 +32,8 @@ from halokit.reference import (
     save_cache,
 )
 from halokit.run import RunData
+
+ONE_ROW = 1 << 40  # packed-row capacity that puts a whole micro-batch in one row
 
 IDK_ANSWERS = (
     "I don't know.", "I'm not sure about that.", "I have no information about that.",
@@ -210,6 +213,12 @@ def _cached_tables(cfg, method, live, split: Split, weights: str, cache_dir: Pat
     return tables
 
 
+def compiles_per_shape(cfg: Config, model: torch.nn.Module) -> bool:
+    """bf16 on CPU: oneDNN compiles a matmul kernel per new shape, so row widths are bucketed (collate.bucket_size)."""
+    device = next(model.parameters()).device
+    return cfg.model.dtype == "bfloat16" and device.type == "cpu"
+
+
 def collate_options(cfg: Config, model: torch.nn.Module) -> dict:
     """Layout options for :func:`halokit.data.collate.collate`: pad id, packing, row size."""
     pad_id = getattr(model.config, "pad_token_id", None)
@@ -217,6 +226,9 @@ def collate_options(cfg: Config, model: torch.nn.Module) -> dict:
         pad_id = getattr(model.config, "eos_token_id", 0) or 0
     if isinstance(pad_id, list):
         pad_id = pad_id[0]
+    if is_varlen(model):  # attention costs Σ L_s² whatever the row: one row per micro-batch
+        return {"pad_id": int(pad_id), "packing": cfg.train.packing, "row_tokens": ONE_ROW, "attention_cost": None,
+                "bucket": compiles_per_shape(cfg, model)}
     return {"pad_id": int(pad_id), "packing": cfg.train.packing,  # attention costs width² per row: rows are
             "row_tokens": cfg.data.max_length,  # no wider than a sequence may be, narrower when that is cheaper
             "attention_cost": attention_cost(model.config)}

@@ -54,14 +54,16 @@ def sft_step(policy, batch: Batch, reference=None) -> tuple[Tensor, Metrics]:
 def unpaired_step(policy, batch: Batch, reference, *, method: Method, loss_kwargs: dict,
                   reduce_mean: Callable[[Tensor], Tensor] = lambda t: t) -> tuple[Tensor, Metrics]:
     """KTO and APO-zero on (x, y, desirable?) examples."""
-    logps = policy(batch.policy).sums  # (B,)
-    ref_logps = reference(batch, "policy")
     metrics: Metrics = {}
     if method is Method.KTO:
+        # first, so that its activations are freed before the policy pass keeps its own for backward
         with torch.no_grad():
             kl_logps = policy(batch.kl).sums  # (B,) mismatched pairs, no grad: z₀ is a constant
             mean_logratio = (kl_logps.float() - reference(batch, "kl")).mean()
         kl = clamp_kl(reduce_mean(mean_logratio))
+    logps = policy(batch.policy).sums  # (B,)
+    ref_logps = reference(batch, "policy")
+    if method is Method.KTO:
         out = kto_loss(logps, ref_logps, batch.is_desirable, kl, **loss_kwargs)
         metrics["kl"] = stat(kl)
     else:

@@ -1,0 +1,150 @@
+"""Varlen attention: packed sequences attended one by one equal each sequence run alone, in values and
+gradients; the slot bookkeeping is exact; models that need other masks are refused."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from halokit.attention import (
+    MATH_MAX_LENGTH,
+    NAME,
+    SLOT_MULTIPLE,
+    Segments,
+    causal_attention,
+    is_varlen,
+    supports_varlen,
+    use_varlen,
+)
+from halokit.data.collate import bucket_size, layout
+from halokit.logprobs import sequence_logps
+
+V = 61
+SMALL = {"vocab_size": V, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 512}
+
+
+def llama(**extra) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**SMALL, initializer_range=0.2, attn_implementation="sdpa", **extra))
+
+
+def pairs(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(3, V, (p,), generator=g).tolist(), torch.randint(3, V, (c,), generator=g).tolist())
+            for p, c in lengths]
+
+
+def alone(model, pairs_):
+    """Each sequence through the model on its own (no packing, no mask): the ground truth."""
+    out = []
+    for p, c in pairs_:
+        ids = torch.tensor([p + c])
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[0, len(p):] = True
+        out.append(sequence_logps(model, ids, mask).sums[0])
+    return torch.stack(out)
+
+
+def test_segments_round_trip_and_padding_slots():
+    # rows of width 8: sequences of 3, 4 and a padding block of 1; then 5 and padding blocks of 2 and 1
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 0, 1, 0]])
+    seg = Segments.from_position_ids(position_ids)
+    assert seg.num == 6 and seg.width == SLOT_MULTIPLE  # longest is 5, rounded up
+    x = torch.arange(16.0).reshape(2, 1, 8, 1)  # (R, n, T, d), value = flat token index
+    slots = seg.to_slots(x)  # (S, 1, L, 1)
+    assert slots[0, 0, :4, 0].tolist() == [0, 1, 2, 2]  # past its end a slot repeats the last token
+    assert slots[3, 0, :6, 0].tolist() == [8, 9, 10, 11, 12, 12]
+    assert torch.equal(seg.from_slots(slots, rows=2).reshape(-1), torch.arange(16.0))
+
+
+@pytest.mark.parametrize("length", [5, MATH_MAX_LENGTH + 8])  # explicit path and SDPA path
+def test_causal_attention_matches_sdpa(length):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, length, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 2, length, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, length, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = causal_attention(q, k, v, scale=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True, scale=0.3)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda a, b, c: causal_attention(a, b, c, scale=0.3),
+                                    (q[:1, :, :6], k[:1, :, :6], v[:1, :, :6]))
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_packed_varlen_equals_each_sequence_alone(bucket):
+    model = llama().double()
+    seqs = pairs([(3, 4), (5, 2), (1, 6), (7, 9), (2, 2)])
+    truth = alone(model, seqs)
+    assert use_varlen(model) is None and is_varlen(model)
+    batch = layout(seqs, pad_id=0, row_tokens=1 << 20, bucket=bucket)
+    assert batch.input_ids.shape[0] == 1  # one row, no padding unless bucketed
+    assert batch.input_ids.shape[1] == (bucket_size(batch.num_tokens) if bucket else batch.num_tokens)
+    got = sequence_logps(model, batch.input_ids, batch.completion_mask, position_ids=batch.position_ids,
+                         sequence_ids=batch.sequence_ids, num_sequences=batch.num_sequences).sums
+    torch.testing.assert_close(got, truth, rtol=1e-10, atol=1e-10)
+
+
+def test_varlen_gradients_equal_sdpa_packed_rows():
+    seqs = pairs([(4, 5), (2, 8), (6, 3), (3, 3)], seed=3)
+    grads = {}
+    for attn in ("sdpa", NAME):
+        model = llama().double()
+        if attn == NAME:
+            use_varlen(model)
+        batch = layout(seqs, pad_id=0, row_tokens=16)  # two rows with a padding block each
+        out = sequence_logps(model, batch.input_ids, batch.completion_mask, position_ids=batch.position_ids,
+                             sequence_ids=batch.sequence_ids, num_sequences=batch.num_sequences).sums
+        (out * torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=out.dtype)).sum().backward()
+        grads[attn] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads["sdpa"].items():
+        torch.testing.assert_close(grads[NAME][name], g, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_varlen_with_gradient_checkpointing_and_bf16():
+    seqs = pairs([(6, 10), (3, 12), (9, 4)], seed=5)
+    model = llama()
+    truth = alone(model, seqs).detach()
+    use_varlen(model)
+    model.activation_checkpointing_enable()
+    model.train()
+    batch = layout(seqs, pad_id=0, row_tokens=1 << 20, bucket=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sequence_logps(model, batch.input_ids, batch.completion_mask, position_ids=batch.position_ids,
+                             sequence_ids=batch.sequence_ids, num_sequences=batch.num_sequences).sums
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), truth, rtol=0.02, atol=0.3)  # bf16 matmuls
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_padded_batches_and_generation_still_use_masks():
+    model = llama().eval()
+    use_varlen(model)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    got = model(input_ids=ids, attention_mask=mask).logits
+    reference = llama().eval()
+    torch.testing.assert_close(got, reference(input_ids=ids, attention_mask=mask).logits)
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, reference.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False))
+
+
+def test_refuses_sliding_window_models():
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    assert "sliding" in supports_varlen(qwen)
+    assert use_varlen(qwen) is not None and not is_varlen(qwen)
+    plain = Qwen2ForCausalLM(Qwen2Config(**SMALL, use_sliding_window=False))
+    assert supports_varlen(plain) is None
+
+
+def test_bucket_size():
+    assert [bucket_size(n) for n in (1, 16, 17, 255, 256, 600, 1000, 1025)] == [16, 16, 32, 256, 256, 608, 1024, 1088]
+    for n in range(1, 5000):
+        b = bucket_size(n)
+        assert n <= b <= n + max(n // 16, 16) and b % 16 == 0
+    assert len({bucket_size(n) for n in range(513, 1025)}) == 16  # 544, 576, …, 1024
