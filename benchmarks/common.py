@@ -165,26 +165,29 @@ def step_flops(method: str, shape: dict, records: list[dict], batch: list[int], 
 
 def executed_flops(method: str, shape: dict, records: list[dict], batch: list[int], side: str) -> float:
     """Forward FLOPs a side actually runs for one step (×3 for trained sequences, ×1 for KL pairs), padding and
-    all: TRL pads each batch to its longest sequence and applies the LM head at every position; halokit packs
-    rows (``halokit.data.collate.layout`` with the options ``halokit.prepare`` gives it) and applies the head to completion positions
-    only. Attention is counted over the full row (packed or padded rows attend through a mask)."""
-    from types import SimpleNamespace
+    all. TRL pads each batch to its longest sequence, applies the LM head at every position and attends each
+    padded row in full. halokit (bf16, ``halokit.prepare.collate_options``) packs a micro-batch into one row
+    rounded up to a shape bucket, attends each sequence in its own slot of the longest length rounded up to
+    16 (``halokit.attention``), and applies the head to the completion positions, rounded up to a bucket.
+    Attention is counted as full squares on both sides (the kernels compute masked blocks too)."""
+    from halokit.attention import Segments
+    from halokit.data.collate import bucket_size, layout
+    from halokit.prepare import ONE_ROW
 
-    from halokit.data.collate import attention_cost, layout
-
-    cost_per_width = attention_cost(SimpleNamespace(**shape))  # what halokit.prepare.collate_options passes
     h, i, n, v = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
     per_token = 2 * n * (4 * h * h + 3 * h * i)  # MHA projections + SwiGLU
 
     def cost(pairs: list[tuple[list, list]], factor: int) -> float:
         if side == "halokit":
-            seq = layout(pairs, pad_id=0, packing=True, row_tokens=ROW_TOKENS, attention_cost=cost_per_width)
-            rows, width = seq.input_ids.shape
-            head = int(seq.completion_mask.sum())
+            seq = layout(pairs, pad_id=0, packing=True, row_tokens=ONE_ROW, bucket=True)
+            tokens = seq.input_ids.numel()
+            slots = Segments.from_position_ids(seq.position_ids)
+            attention = n * 4 * h * slots.num * slots.width ** 2
+            head = bucket_size(int(seq.completion_mask.sum()))
         else:
             rows, width = len(pairs), max(len(p) + len(c) for p, c in pairs)
-            head = rows * (width - 1)
-        return factor * (rows * width * per_token + n * 4 * h * rows * width * width + head * 2 * h * v)
+            tokens, attention, head = rows * width, n * 4 * h * rows * width * width, rows * (width - 1)
+        return factor * (tokens * per_token + attention + head * 2 * h * v)
 
     def ids(k: int, part: str) -> tuple[list, list]:
         return [0] * len(records[k]["prompt_ids"]), [0] * len(records[k][part])

@@ -23,6 +23,7 @@ from torch import nn
 
 from halokit.attention import use_varlen
 from halokit.errors import ConfigError, UserError
+from halokit.lean import use_lean_layers
 from halokit.lora import _first_line, _peft_model, _quiet_peft, add_lora, has_adapters
 
 if TYPE_CHECKING:
@@ -227,7 +228,7 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
 
     Tiny models use the byte tokenizer unless ``settings.tokenizer`` says otherwise and get
     ``vocab_size`` rows (default: the tokenizer's size). Then: a pad token (falls back to EOS),
-    varlen attention (``halokit.attention``) when ``attn_implementation`` is auto or varlen and the
+    lean norms and MLPs (``halokit.lean``), varlen attention (``halokit.attention``) when ``attn_implementation`` is auto or varlen and the
     model qualifies, gradient checkpointing when asked, and LoRA when ``settings.lora.r > 0``. ``seed`` fixes the
     tiny model's and the LoRA weights' initialisation.
     """
@@ -247,6 +248,7 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
     if len(tokenizer) > rows:
         raise UserError(f"{settings.path or 'model.tiny'}: the tokenizer has {len(tokenizer)} tokens but the "
                         f"model embeds only {rows}")
+    use_lean_layers(model)  # same forward values, fewer activations kept for backward (halokit.lean)
     if settings.attn_implementation in ("auto", "varlen"):
         why = use_varlen(model)
         if why is not None and settings.attn_implementation == "varlen":
