@@ -217,12 +217,14 @@ def gemm_shapes(shape: dict, tokens: int, completion_tokens: int) -> list[tuple[
     return out
 
 
-def matmul_ceiling(gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, reps: int = 3,
-                   min_seconds: float = 0.01) -> float:
+def matmul_ceiling(gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, reps: int = 5,
+                   min_seconds: float = 0.03) -> float:
     """Achieved FLOP/s of the GEMM mix ``gemms`` in ``dtype``: total FLOPs / total time, i.e. the rate a
     step made only of these matmuls would reach. Each shape is timed ``reps`` times (each time over enough
-    calls to last ``min_seconds``) after a warm-up, and its best time counts: the probe asks what the
-    machine can do right now, which a busy neighbour lowers less than it lowers a single timing."""
+    calls to last ``min_seconds``) after a warm-up of the same length, and its best time counts: the probe
+    asks what the machine can do right now, which a busy neighbour lowers less than it lowers a single
+    timing. (On a shared AMX machine 3 × 10 ms probes spread by up to 2× run to run; 5 × 30 ms after a
+    warm-up by ~10–25 %.)"""
     flops = seconds = 0.0
     for count, m, k, n in gemms:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
@@ -230,6 +232,8 @@ def matmul_ceiling(gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, r
         t = time.perf_counter()
         torch.mm(a, b, out=out)
         calls = max(1, round(min_seconds / max(time.perf_counter() - t, 1e-6)))
+        for _ in range(calls):  # warm-up: kernels compiled, caches and clocks settled
+            torch.mm(a, b, out=out)
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()

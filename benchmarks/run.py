@@ -79,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile(work: Path, steps: int, names: list[str]) -> dict:
-    """One profiled step (torch.profiler, step 2) per side on body-heavy variable-length data: time by op kind."""
+    """One profiled step (torch.profiler, the third of the warm epoch) per side on body-heavy variable-length
+    data: time by op kind."""
     split = {}
     for name in names:
         workspace = str(build_workspace(work / "data", name, "body-heavy", "variable", steps))
         for variant in ("halokit-bf16", "trl-best"):
-            res = harness.run_trial(workspace, variant, work / "profile" / f"{name}-{variant}", profile_step=2)
+            res = harness.run_trial(workspace, variant, work / "profile" / f"{name}-{variant}", profile_step=steps + 2)
             path = work / "profile" / f"{name}-{variant}" / "profile.json"
             if "error" not in res and path.is_file():
                 split[f"{name} {variant}"] = json.loads(path.read_text())
