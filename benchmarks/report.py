@@ -147,7 +147,9 @@ def markdown(results: dict) -> str:
            f"from round to round. Medians over rounds; ratios are paired within a round, then the median is taken.",
            f"- A matmul probe (the step's GEMMs at the model's shapes — forward, input- and weight-gradient — in the "
            f"trial's dtype, best of 3) runs before and after each trial; a trial is dropped and rerun when the probe "
-           f"moved more than {run['drift_limit']:.0%}. MFU = useful FLOP/s / the probe's FLOP/s.",
+           f"moved more than {run['drift_limit']:.0%} (on this shared machine the first probe in a process reads 10-30 % "
+           f"low even after a discarded warm-up probe, so the guard only catches large interference). MFU = useful "
+           f"FLOP/s / the higher of the two probes.",
            f"- {run['epochs']} epochs of the same {run['steps']} optimizer steps of 8 examples; the first is a warm-up "
            f"and tokens/s is over the last (warm) epoch. bf16 matmuls on CPU compile a kernel per new GEMM shape "
            f"(oneDNN; ~2-4 ms each on AMX against ~0.3 ms for the product), so a cold epoch mostly measures "
