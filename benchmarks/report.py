@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["halokit-bf16", "halokit-fp32", "trl-best", "trl-fp32", "trl-default"]
 DESCRIBE = {
-    "halokit-bf16": "halokit, bf16 autocast, cached reference",
+    "halokit-bf16": "halokit, bf16 weights over float32 masters, cached reference",
     "halokit-fp32": "halokit, float32, cached reference",
     "trl-best": "TRL, bf16, precompute_ref_log_probs, no grad. checkpointing",
     "trl-fp32": "TRL, float32, precompute_ref_log_probs, no grad. checkpointing",
@@ -146,7 +146,7 @@ def markdown(results: dict) -> str:
            f"- {run['rounds']} alternated rounds per cell; in each round every variant runs once, in an order rotated "
            f"from round to round. Medians over rounds; ratios are paired within a round, then the median is taken.",
            f"- A matmul probe (the step's GEMMs at the model's shapes — forward, input- and weight-gradient — in the "
-           f"trial's dtype, best of 3) runs before and after each trial; a trial is dropped and rerun when the probe "
+           f"trial's dtype, best of 5 after a warm-up) runs before and after each trial; a trial is dropped and rerun when the probe "
            f"moved more than {run['drift_limit']:.0%} (on this shared machine the first probe in a process reads 10-30 % "
            f"low even after a discarded warm-up probe, so the guard only catches large interference). MFU = useful "
            f"FLOP/s / the higher of the two probes.",

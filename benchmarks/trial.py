@@ -95,9 +95,12 @@ class StepProfiler:
 
 def op_category(name: str) -> str:
     """Where an op's self time goes, coarsely: matmul, attention, LM-head softmax, optimizer, or the rest."""
-    if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul"):
+    if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::matmul"):
         return "matmul"
-    if "scaled_dot_product" in name or "attention" in name:
+    if "scaled_dot_product" in name or "attention" in name or "Attention" in name:
+        return "attention"
+    # halokit's explicit attention for packed rows (halokit.attention): its products and softmax kernels
+    if name in ("aten::bmm", "aten::_softmax", "aten::_softmax_backward_data", "aten::masked_fill_"):
         return "attention"
     if "adam" in name.lower() or name.startswith("Optimizer."):
         return "optimizer"

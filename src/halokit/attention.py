@@ -13,10 +13,11 @@ mask tensor is ever built. The linear layers then run on exactly the real tokens
 
     out_s = softmax(Q_s K_sᵀ · scale + causal) V_s   for every sequence s, independently
 
-Short slots (L_max ≤ :data:`MATH_MAX_LENGTH`) use explicit matmuls + float32 softmax, which on CPU
-run fwd+bwd 3–5× faster than the flash kernel at these sizes; longer ones use
-``F.scaled_dot_product_attention(is_causal=True)`` (memory-efficient). Without segments (padded
-batches, generation) the function is exactly transformers' SDPA attention with its usual mask.
+Short slots on CPU (L_max ≤ :data:`MATH_MAX_LENGTH`) use an explicit attention whose softmax kernels
+accumulate in float32 (:class:`_ExplicitCausalAttention`): fwd+bwd ~5× faster than SDPA's CPU flash
+kernel at these sizes; longer slots, and other devices, use ``F.scaled_dot_product_attention
+(is_causal=True)``. Without segments (padded batches, generation) the function is exactly
+transformers' SDPA attention with its usual mask.
 
 Only plain causal self-attention qualifies (no sliding window, logit soft-capping or attention
 sinks): :func:`supports_varlen` checks the config and the function refuses those arguments at
