@@ -1,6 +1,6 @@
 """``make bench``: KTO and DPO, halokit vs TRL, under the fair protocol; writes results.md and results.json.
 
-    python -m benchmarks.run                 # the full benchmark (~25 min on 2 shared cores)
+    python -m benchmarks.run                 # the full benchmark (~40 min on 2 shared cores)
     python -m benchmarks.run --quick         # one short alternation on one shape (smoke test, ~2 min)
     python -m benchmarks.run --only kto --rounds 7 --out /tmp/bench
 
