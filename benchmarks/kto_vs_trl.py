@@ -25,7 +25,7 @@ TARGETS = {("halokit-bf16", "trl-default"): (3.0, None), ("halokit-bf16", "trl-b
 def cells(quick: bool = False) -> list[Cell]:
     """Variable-length data: bf16 variants on both shapes, and float32 against float32 on body-heavy (where the
     backbone, not the LM head, dominates and the dtype matters most); fixed-length data: the main pair on both
-    shapes. Fewer cells than the full cross product, so that `make bench` stays within ~25 minutes."""
+    shapes. Fewer cells than the full cross product, so that `make bench` stays within ~40 minutes."""
     if quick:
         return [Cell(METHOD, "head-heavy", "variable", ["halokit-bf16", "trl-best"])]
     return [Cell(METHOD, "head-heavy", "variable", VARIANTS[:3]), Cell(METHOD, "body-heavy", "variable", VARIANTS)] + \
