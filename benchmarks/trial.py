@@ -18,8 +18,8 @@ import torch
 
 from benchmarks.common import (
     BATCH_SIZE,
-    EPOCHS,
     BETA,
+    EPOCHS,
     LR,
     MAX_LENGTH,
     MAX_PROMPT_LENGTH,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+EXIT_USER_ERROR = 2  # the exit code of every user error (bad config, data, paths)
+
 
 class UserError(Exception):
     """A problem with the user's input (config, data, paths) rather than a bug in halokit."""

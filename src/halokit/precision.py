@@ -43,7 +43,7 @@ class MasterWeights:
         self.low = torch.empty(total, dtype=dtype, device=device)  # θ₁₆, what the model computes with
         self.params: list[nn.Parameter] = []
         offset = 0
-        for i, p in enumerate(self.model_params):
+        for p in self.model_params:
             n = p.numel()
             master = nn.Parameter(self.values[offset:offset + n].view(p.shape))
             with torch.no_grad():
