@@ -16,12 +16,11 @@ from halokit.lora import adapters_disabled, add_lora, has_adapters
 from halokit.models import (
     autocast_context,
     build_tiny_model,
-    frozen_copy,
     load_model,
     load_policy,
     save_model,
-    weights_fingerprint,
 )
+from halokit.reference import frozen_copy, weights_fingerprint
 
 VOCAB = 259  # the byte tokenizer's size
 

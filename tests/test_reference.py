@@ -17,15 +17,17 @@ from halokit.data.tokenize import encode_examples
 from halokit.errors import UserError
 from halokit.logprobs import LogpsModel
 from halokit.lora import add_lora
-from halokit.models import build_tiny_model, frozen_copy, weights_fingerprint
+from halokit.models import build_tiny_model
 from halokit.reference import (
     CachedReference,
     ModelReference,
     cache_key,
     cache_path,
     compute_tables,
+    frozen_copy,
     load_cache,
     save_cache,
+    weights_fingerprint,
 )
 
 V = 259

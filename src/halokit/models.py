@@ -1,4 +1,4 @@
-"""Models: build tiny ones, load (local safetensors, Hub id, GGUF), add LoRA, freeze, fingerprint, save.
+"""Models: build tiny ones, load (local safetensors, Hub id, GGUF), add LoRA, choose the compute dtype, save.
 
 Master weights are always float32. ``bfloat16`` is a *compute* dtype, applied with
 :func:`autocast_context` around forward passes, so optimizer updates never lose precision.
@@ -10,7 +10,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import hashlib
 import json
 import os
 import re
@@ -299,43 +298,7 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, trust_rem
         raise UserError(f"{name_or_path}: cannot load a tokenizer ({_first_line(err)})") from err
 
 
-# ---------------------------------------------------------------------------------- reference, cache
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with every parameter frozen: the frozen-reference backend."""
-    ref = copy.deepcopy(model).eval()
-    ref.requires_grad_(False)
-    for module in ref.modules():  # undo enable_input_require_grads, which would build graphs for nothing
-        if getattr(module, "_require_grads_hooks", None) and hasattr(module, "disable_input_require_grads"):
-            module.disable_input_require_grads()
-    return ref
-
-
-def weights_fingerprint(model: nn.Module, *, adapters: bool = True) -> str:
-    """Hex SHA-256 of the weights: every state-dict entry's name, shape, dtype and raw bytes.
-
-    With LoRA it covers the base weights and the adapters; ``adapters=False`` hashes the base
-    weights alone under the plain model's names, so it equals the fingerprint of the unwrapped base
-    (what an adapters-off reference computes). Tied weights are hashed once.
-    """
-    state = model.state_dict()
-    peft_model = _peft_model(model)
-    if peft_model is not None and not adapters:
-        state = {k.replace(".base_layer.", "."): v for k, v in peft_model.get_base_model().state_dict().items()
-                 if "lora_" not in k}
-    digest = hashlib.sha256()
-    seen: dict[tuple, str] = {}
-    for name in sorted(state):
-        t = state[name].detach()
-        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
-        if where in seen:
-            digest.update(f"=tied to {seen[where]}\n".encode())
-            continue
-        seen[where] = name
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
+# -------------------------------------------------------------------------------------- compute
 def autocast_context(dtype: str, device: torch.device | str | None = None) -> contextlib.AbstractContextManager:
     """The compute-dtype context: bfloat16 autocast on ``device``'s type, or nothing for float32.
 

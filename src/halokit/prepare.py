@@ -21,15 +21,17 @@ from halokit.errors import UserError
 from halokit.logprobs import LogpsModel
 from halokit.lora import has_adapters
 from halokit.methods import Method, kto_weights
-from halokit.models import autocast_context, frozen_copy, weights_fingerprint
+from halokit.models import autocast_context
 from halokit.reference import (
     CachedReference,
     ModelReference,
     cache_key,
     cache_path,
     compute_tables,
+    frozen_copy,
     load_cache,
     save_cache,
+    weights_fingerprint,
 )
 from halokit.run import RunData
 

@@ -13,6 +13,7 @@ and the dtype. A file whose recorded key differs from the expected one is never 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -23,12 +24,12 @@ from typing import Literal, Protocol
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from halokit.data.collate import Batch, BatchPlan, collate
 from halokit.errors import UserError
 from halokit.logprobs import NUMERICS_VERSION, LogpsModel
-from halokit.lora import adapters_disabled
+from halokit.lora import _peft_model, adapters_disabled
 
 Part = Literal["policy", "kl"]
 CACHE_FORMAT = "1"
@@ -157,3 +158,40 @@ def save_cache(path: str | Path, key: str, tables: dict[str, Tensor], *, info: d
     save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
+
+
+# ------------------------------------------------------------------------------- reference weights
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with every parameter frozen: the frozen-reference backend."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    for module in ref.modules():  # undo enable_input_require_grads, which would build graphs for nothing
+        if getattr(module, "_require_grads_hooks", None) and hasattr(module, "disable_input_require_grads"):
+            module.disable_input_require_grads()
+    return ref
+
+
+def weights_fingerprint(model: nn.Module, *, adapters: bool = True) -> str:
+    """Hex SHA-256 of the weights: every state-dict entry's name, shape, dtype and raw bytes.
+
+    With LoRA it covers the base weights and the adapters; ``adapters=False`` hashes the base
+    weights alone under the plain model's names, so it equals the fingerprint of the unwrapped base
+    (what an adapters-off reference computes). Tied weights are hashed once.
+    """
+    state = model.state_dict()
+    peft_model = _peft_model(model)
+    if peft_model is not None and not adapters:
+        state = {k.replace(".base_layer.", "."): v for k, v in peft_model.get_base_model().state_dict().items()
+                 if "lora_" not in k}
+    digest = hashlib.sha256()
+    seen: dict[tuple, str] = {}
+    for name in sorted(state):
+        t = state[name].detach()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        where = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if where in seen:
+            digest.update(f"=tied to {seen[where]}\n".encode())
+            continue
+        seen[where] = name
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

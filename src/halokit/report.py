@@ -7,16 +7,13 @@ Two kinds of directory:
 * a **demo run** (``results.json``, one sub-directory per trained model): the results table with bootstrap
   CIs and Δ vs SFT, per-category rates, notes, settings, desirable-rate bars and training curves per scenario.
 
-The report is built once as a list of blocks and rendered twice, to Markdown and to HTML. The HTML is
-self-contained: inline CSS and the PNGs embedded as base64 (the PNGs are also written next to it, for the
-Markdown). Plots use matplotlib's object-oriented ``Figure`` (Agg canvas on save): no backend switch, no
+The report is built once as a list of blocks and rendered twice, to Markdown and to HTML
+(:mod:`halokit.render`). Plots use matplotlib's object-oriented ``Figure`` (Agg canvas on save): no backend switch, no
 pyplot state, nothing global at import.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import math
 import re
@@ -29,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from halokit.errors import UserError
+from halokit.render import flatten, load_json_object, write_documents
 
 CURVE_KEYS = ("loss", "kl", "rewards/margins")
 PLAIN_RUN_KEYS = ("loss", "kl", "rewards/margins", "forget_loss", "retain_loss", "grad_norm")
@@ -261,16 +259,6 @@ def _category_rows(models: Mapping[str, Mapping]) -> tuple[list[str], list[list[
     return ["model"] + [f"{c} %" for c in cats], rows
 
 
-def _flatten(d: Mapping, prefix: str = "") -> list[list[str]]:
-    rows = []
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            rows += _flatten(v, f"{prefix}{k}.")
-        else:
-            rows.append([f"{prefix}{k}", v if isinstance(v, str) else json.dumps(v, default=str)])
-    return rows
-
-
 # ---------------------------------------------------------------- reports
 
 
@@ -287,23 +275,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
         raise UserError(f"{run_dir}: no such run directory")
     written: dict[str, Path] = {}
     results_path = run_dir / "results.json"
-    blocks = _demo_blocks(run_dir, _load_results(results_path), written) if results_path.is_file() \
+    blocks = _demo_blocks(run_dir, load_json_object(results_path), written) if results_path.is_file() \
         else _run_blocks(run_dir, written)  # blocks[0] is the h1 title
-    written["report.md"] = run_dir / "report.md"
-    written["report.md"].write_text(_render_md(blocks), encoding="utf-8")
-    written["report.html"] = run_dir / "report.html"
-    written["report.html"].write_text(_render_html(blocks[0][1], blocks, run_dir), encoding="utf-8")
-    return written
-
-
-def _load_results(path: Path) -> dict:
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(results, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return results
+    return write_documents(run_dir, blocks, written)
 
 
 def _demo_blocks(run_dir: Path, results: dict, written: dict[str, Path]) -> list[tuple]:
@@ -324,7 +298,7 @@ def _demo_blocks(run_dir: Path, results: dict, written: dict[str, Path]) -> list
     if notes:
         blocks += [("h2", "Notes"), ("ul", [notes] if isinstance(notes, str) else [str(n) for n in notes])]
     if results.get("settings"):
-        blocks += [("h2", "Settings"), ("table", ["setting", "value"], _flatten(results["settings"]))]
+        blocks += [("h2", "Settings"), ("table", ["setting", "value"], flatten(results["settings"]))]
     blocks.append(("h2", "Training curves"))
     groups: dict[str, dict[str, Path]] = {}
     missing = []
@@ -363,53 +337,3 @@ def _run_blocks(run_dir: Path, written: dict[str, Path]) -> list[tuple]:
                        f"eval (step {last_eval.get('step', DASH)})"], table),
             ("h2", "Config"),
             ("pre", config.read_text(encoding="utf-8") if config.is_file() else "(no config.yaml)")]
-
-
-# ---------------------------------------------------------------- rendering
-
-
-def _render_md(blocks: list[tuple]) -> str:
-    out = []
-    for kind, *args in blocks:
-        if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + args[0])
-        elif kind == "p":
-            out.append(args[0])
-        elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in args[0]))
-        elif kind == "table":
-            cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-            lines = ["| " + " | ".join(map(cell, args[0])) + " |", "|" + "---|" * len(args[0])]
-            out.append("\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in args[1]]))
-        elif kind == "img":
-            out.append(f"![{args[1]}]({args[0]})")
-        elif kind == "pre":
-            out.append(f"```\n{args[0].rstrip()}\n```")
-    return "\n\n".join(out) + "\n"
-
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}
-pre{background:#f6f6f6;padding:1em;overflow-x:auto}"""
-
-
-def _render_html(title: str, blocks: list[tuple], run_dir: Path) -> str:
-    esc = html.escape
-    out = [f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-           f"<style>{_CSS}</style></head><body>"]
-    for kind, *args in blocks:
-        if kind in ("h1", "h2", "h3", "p"):
-            out.append(f"<{kind}>{esc(args[0])}</{kind}>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in args[0]) + "</ul>")
-        elif kind == "table":
-            head = "".join(f"<th>{esc(str(h))}</th>" for h in args[0])
-            body = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>" for r in args[1])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "img":
-            data = base64.b64encode((run_dir / args[0]).read_bytes()).decode("ascii")
-            out.append(f"<img alt='{esc(args[1])}' src='data:image/png;base64,{data}'>")
-        elif kind == "pre":
-            out.append(f"<pre>{esc(args[0])}</pre>")
-    return "\n".join(out) + "\n</body></html>\n"

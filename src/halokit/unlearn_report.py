@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
-from halokit.report import _flatten, _load_results, _render_html, _render_md
+from halokit.render import flatten, load_json_object, write_documents
 
 COLUMNS = ("split", "method", "steps", "utility @0", "final FQ", "final utility (kept)",
            "best FQ (≥80% utility)", "best step", "best utility (kept)")
@@ -118,7 +118,7 @@ def plot_distance(runs: Mapping, out_png: Path) -> None:
 def write_report(out: str | Path) -> dict[str, Path]:
     """``report.md``, ``report.html`` and the plots from ``out/results.json``; returns ``{name: path}``."""
     out = Path(out)
-    results = _load_results(out / "results.json")
+    results = load_json_object(out / "results.json")
     runs = results["runs"]
     written: dict[str, Path] = {}
     blocks: list[tuple] = [
@@ -146,12 +146,8 @@ def write_report(out: str | Path) -> dict[str, Path]:
         fn(runs, written[name])
         blocks += [("h2", title), ("img", name, alt)]
     if results.get("settings"):
-        blocks += [("h2", "Settings"), ("table", ["setting", "value"], _flatten(results["settings"]))]
-    written["report.md"] = out / "report.md"
-    written["report.md"].write_text(_render_md(blocks), encoding="utf-8")
-    written["report.html"] = out / "report.html"
-    written["report.html"].write_text(_render_html(blocks[0][1], blocks, out), encoding="utf-8")
-    return written
+        blocks += [("h2", "Settings"), ("table", ["setting", "value"], flatten(results["settings"]))]
+    return write_documents(out, blocks, written)
 
 
 def is_unlearning_results(run_dir: str | Path) -> bool:
