@@ -189,10 +189,15 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches and generation: SDPA's own masks
 
 
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supports_varlen(model: nn.Module) -> str | None:
     """None when ``model`` (a transformers causal LM, possibly inside peft) can use varlen attention, else
     why not: it must dispatch attention through transformers' interface and attend plain causally."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     config = getattr(base, "config", None)
     if config is None or not hasattr(base, "set_attn_implementation"):
         return "not a transformers model"
@@ -220,14 +225,14 @@ def use_varlen(model: nn.Module) -> str | None:
     why = supports_varlen(model)
     if why is None:
         register()
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = _base(model)
         base.set_attn_implementation(NAME)
     return why
 
 
 def is_varlen(model: nn.Module) -> bool:
     """Whether ``model`` attends with :data:`NAME`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     return getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME
 
 

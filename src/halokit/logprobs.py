@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from halokit.attention import decoder_kwargs, is_varlen
+from halokit.data.collate import bucket_size, compiles_per_shape
 from halokit.errors import UserError
 
 
@@ -165,7 +166,7 @@ def token_logps_from_hidden(
         if hidden.is_floating_point() and hidden.dtype.itemsize > low.itemsize:
             hidden = hidden.to(low)
     n = hidden.shape[0]
-    rows = _bucketed_rows(n, chunk_size) if kind == "cpu" and hidden.dtype == torch.bfloat16 else n
+    rows = _bucketed_rows(n, chunk_size) if compiles_per_shape(hidden.device, hidden.dtype) else n
     if rows > n:  # zero rows with target 0: their log-probs are dropped, so they get no gradient
         hidden = nn.functional.pad(hidden, (0, 0, 0, rows - n))
         targets = nn.functional.pad(targets, (0, rows - n))
@@ -176,8 +177,6 @@ def token_logps_from_hidden(
 def _bucketed_rows(n: int, chunk_size: int) -> int:
     """Rows to compute so that every chunk has one of few shapes: full chunks, and a last one of
     ``bucket_size`` rows (bf16 matmuls on CPU compile a kernel per new shape, see ``data.collate``)."""
-    from halokit.data.collate import bucket_size
-
     full, rest = divmod(n, chunk_size)
     return full * chunk_size + (min(bucket_size(rest), chunk_size) if rest else 0)
 

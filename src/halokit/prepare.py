@@ -14,7 +14,7 @@ import torch
 
 from halokit.attention import is_varlen
 from halokit.config import Config
-from halokit.data.collate import BatchPlan, attention_cost, plan_batches, sequence_lengths
+from halokit.data.collate import BatchPlan, attention_cost, compiles_per_shape, plan_batches, sequence_lengths
 from halokit.data.examples import FeedbackExample, ForgetExample, PreferenceExample
 from halokit.data.tokenize import TokenizeSettings, encode_examples
 from halokit.errors import UserError
@@ -215,12 +215,6 @@ def _cached_tables(cfg, method, live, split: Split, weights: str, cache_dir: Pat
     return tables
 
 
-def compiles_per_shape(cfg: Config, model: torch.nn.Module) -> bool:
-    """bf16 on CPU: oneDNN compiles a matmul kernel per new shape, so row widths are bucketed (collate.bucket_size)."""
-    device = next(model.parameters()).device
-    return cfg.model.dtype == "bfloat16" and device.type == "cpu"
-
-
 def collate_options(cfg: Config, model: torch.nn.Module) -> dict:
     """Layout options for :func:`halokit.data.collate.collate`: pad id, packing, row size."""
     pad_id = getattr(model.config, "pad_token_id", None)
@@ -230,7 +224,7 @@ def collate_options(cfg: Config, model: torch.nn.Module) -> dict:
         pad_id = pad_id[0]
     if is_varlen(model):  # attention costs Σ L_s² whatever the row: one row per micro-batch
         return {"pad_id": int(pad_id), "packing": cfg.train.packing, "row_tokens": ONE_ROW, "attention_cost": None,
-                "bucket": compiles_per_shape(cfg, model)}
+                "bucket": compiles_per_shape(next(model.parameters()).device, getattr(torch, cfg.model.dtype))}
     return {"pad_id": int(pad_id), "packing": cfg.train.packing,  # attention costs width² per row: rows are
             "row_tokens": cfg.data.max_length,  # no wider than a sequence may be, narrower when that is cheaper
             "attention_cost": attention_cost(model.config)}

@@ -77,6 +77,12 @@ def bucket_size(n: int, per_octave: int = 16, multiple: int = 16) -> int:
     return -(-n // step) * step
 
 
+def compiles_per_shape(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether matmuls on ``device`` in ``dtype`` compile a kernel per new shape (bf16 on CPU: oneDNN), so that
+    their shapes are worth bucketing."""
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16
+
+
 def layout(pairs: Sequence[Pair], *, pad_id: int, packing: bool = True, row_tokens: int = 2048,
            attention_cost: float | None = None, bucket: bool = False) -> SeqBatch:
     """Lay out ``pairs`` (S of them, output slot s = position in ``pairs``) as packed or padded rows;
