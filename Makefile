@@ -11,7 +11,7 @@ STAMP := $(VENV)/.halokit-installed-$(subst $(comma),-,$(EXTRAS))
 # pip prints a warning for every missing local index folder on some machines; keep the output readable.
 PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-studies bench lint clean
 
 install: $(STAMP)
 
@@ -32,8 +32,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/halokit demo
 
+# two xdist workers, one thread each (tests/conftest.py), one test file per worker at a time (module fixtures
+# run once); the demo and the unlearning study run at smoke size. Their claims at --quick size (KTO beats SFT,
+# NPO keeps more utility than GA) take ~15 minutes on a slow 2-core machine: `make test-studies`.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not study"
+
+test-studies: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m study
 
 bench:
 	$(MAKE) install EXTRAS=dev,gguf,bench

@@ -245,6 +245,21 @@ def matmul_ceiling(gemms: list[tuple[int, int, int, int]], dtype: torch.dtype, r
     return flops / seconds
 
 
+def fast_dtype(shape: dict | None = None) -> tuple[str, dict[str, float]]:
+    """The matmul dtype this CPU trains faster in, and the GFLOP/s the probe measured for each.
+
+    bf16 GEMMs are fast only where the CPU has bf16 dot-product instructions (AVX512-BF16, AMX): there they
+    run 2-4x faster than float32. Without them (AVX2-only x86, e.g. Zen 2) oneDNN converts element by element
+    and bf16 runs ~20x *slower* than float32 — a bf16 benchmark there would measure the emulation, and
+    neither side's user would train that way. One body-heavy linear layer's product (128 x 512 x 1376) in
+    each dtype decides; the benchmark's "best settings" then use the faster dtype on both sides."""
+    shape = shape or SHAPES["body-heavy"]
+    gemm = [(1, 128, shape["hidden_size"], shape["intermediate_size"])]
+    rates = {name: matmul_ceiling(gemm, getattr(torch, name), reps=3, min_seconds=0.01) / 1e9
+             for name in ("float32", "bfloat16")}
+    return ("bfloat16" if rates["bfloat16"] >= rates["float32"] else "float32"), rates
+
+
 # --------------------------------------------------------------------------------------------- RSS
 def _status(field: str) -> int:
     """A ``/proc/self/status`` field in bytes (Linux)."""

@@ -47,6 +47,7 @@ class Cell:
     shape: str
     data: str
     variants: list[str]
+    fast: str = "bfloat16"  # the dtype this CPU trains faster in (common.fast_dtype): TRL's best settings use it
     workspace: str = ""
     trials: dict[str, list[dict]] = field(default_factory=dict)
 
@@ -64,12 +65,14 @@ def trial_env(workdir: Path) -> dict:
     return env
 
 
-def run_trial(workspace: str, variant: str, workdir: Path, profile_step: int | None = None) -> dict:
+def run_trial(workspace: str, variant: str, workdir: Path, profile_step: int | None = None,
+              fast: str = "bfloat16") -> dict:
     """One trial in a fresh process; its measurements, or ``{"error": ...}``."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec = workdir / "spec.json"
     spec.write_text(json.dumps({"workspace": workspace, "variant": variant, "workdir": str(workdir),
-                                "threads": THREADS, "profile_step": profile_step}))
+                                "threads": THREADS, "profile_step": profile_step,
+                                "fast": fast}))
     out = workdir / "out.json"
     with open(workdir / "log.txt", "w") as log:
         try:
@@ -120,7 +123,7 @@ def run_cell(cell: Cell, rounds: int, work: Path, log=print, *, retries: int = R
             for attempt in range(retries + 1):
                 t = time.perf_counter()
                 res = run_trial(cell.workspace, variant, work / f"{cell.method}-{cell.shape}-{cell.data}" /
-                                f"r{r}-{variant}-a{attempt}")
+                                f"r{r}-{variant}-a{attempt}", fast=cell.fast)
                 res.update(round=r, attempt=attempt, wall_s=time.perf_counter() - t)
                 if "error" in res:
                     log(f"  {cell.method} {cell.name} round {r} {variant}: FAILED {res['error'][-300:]}")

@@ -31,20 +31,33 @@ from benchmarks.common import (
     tokenizer,
 )
 
-# name -> (side, settings). TRL's defaults on CPU: bf16 autocast on, gradient checkpointing on, a live
-# reference model. Its best CPU settings: bf16, reference log-probs precomputed, no checkpointing.
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "halokit-fp32": ("halokit", {"dtype": "float32"}),
-    "halokit-bf16": ("halokit", {"dtype": "bfloat16"}),
-    "trl-default": ("trl", {}),
-    "trl-best": ("trl", {"bf16": True, "precompute_ref_log_probs": True, "gradient_checkpointing": False}),
-    "trl-fp32": ("trl", {"bf16": False, "precompute_ref_log_probs": True, "gradient_checkpointing": False}),
-}
+def variant(name: str, fast: str = "bfloat16") -> tuple[str, dict]:
+    """A variant's side and settings; ``fast`` is the dtype this CPU trains faster in (common.fast_dtype).
+
+    TRL's defaults on CPU: bf16 autocast, gradient checkpointing, a live reference model. Its best CPU settings:
+    reference log-probs precomputed, no checkpointing, and the faster dtype. On a CPU without bf16 instructions
+    both TRL variants run in float32: bf16 autocast there runs every matmul ~20x slower than float32 (a single
+    TRL-default trial would take most of an hour), so "TRL defaults" is then TRL's defaults with float32 — a
+    faster TRL than its real defaults, so ratios against it understate halokit's lead."""
+    bf16 = fast == "bfloat16"
+    table = {
+        "halokit-fp32": ("halokit", {"dtype": "float32"}),
+        "halokit-bf16": ("halokit", {"dtype": "bfloat16"}),
+        "trl-default": ("trl", {} if bf16 else {"bf16": False}),
+        "trl-best": ("trl", {"bf16": bf16, "precompute_ref_log_probs": True, "gradient_checkpointing": False}),
+        "trl-fp32": ("trl", {"bf16": False, "precompute_ref_log_probs": True, "gradient_checkpointing": False}),
+    }
+    return table[name]
 
 
-def compute_dtype(variant: str) -> torch.dtype:
+def halokit_variant(fast: str) -> str:
+    """The halokit variant that runs in the faster dtype: the one compared with TRL's defaults and best."""
+    return "halokit-bf16" if fast == "bfloat16" else "halokit-fp32"
+
+
+def compute_dtype(name: str, fast: str = "bfloat16") -> torch.dtype:
     """The matmul dtype a variant runs in (TRL's default is bf16)."""
-    side, settings = VARIANTS[variant]
+    side, settings = variant(name, fast)
     bf16 = settings.get("dtype") == "bfloat16" if side == "halokit" else settings.get("bf16", True)
     return torch.bfloat16 if bf16 else torch.float32
 
@@ -208,7 +221,8 @@ def main(argv: list[str]) -> None:
     torch.set_flush_denormal(True)
     ws = Workspace.load(spec["workspace"])
     workdir = Path(spec["workdir"])
-    side, settings = VARIANTS[spec["variant"]]
+    fast = spec.get("fast", "bfloat16")
+    side, settings = variant(spec["variant"], fast)
     # import what the side needs before the baseline, so that import-time memory counts for neither side
     import transformers.models.llama.modeling_llama  # noqa: F401
 
@@ -217,7 +231,7 @@ def main(argv: list[str]) -> None:
         import halokit.train  # noqa: F401
     else:
         import trl  # noqa: F401
-    dtype = compute_dtype(spec["variant"])
+    dtype = compute_dtype(spec["variant"], fast)
     # the first probe in a process runs ~30 % slow (allocator and oneDNN warm-up under the fixed mmap threshold):
     # a warm-up probe, so that before and after measure the machine, not the process's age
     matmul_ceiling(ws.gemms, dtype)

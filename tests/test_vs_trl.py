@@ -63,13 +63,18 @@ def test_benchmark_quick_writes_results(tmp_path):
                           timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
+    fast = results["run"]["fast_dtype"]
+    halokit = "halokit-bf16" if fast == "bfloat16" else "halokit-fp32"
+    rates = results["run"]["gemm_gflops"]
+    assert fast == max(rates, key=rates.get)  # the faster dtype of the probe
     for method in ("kto", "dpo"):
         cell = results["benchmarks"][method]["head-heavy/variable"]
-        for variant in ("halokit-bf16", "trl-best"):
+        for variant in (halokit, "trl-best"):
             v = cell["variants"][variant]
+            assert v["dtype"] == f"torch.{fast}"
             assert v["errors"] == [] and v["trials_kept"] == 1
             assert v["tokens_per_s"] > 0 and v["peak_rss_mib"] > 0 and 0 < v["mfu"] < 1.5
-        ratio = cell["ratios"]["halokit-bf16 / trl-best"]
+        ratio = cell["ratios"][f"{halokit} / trl-best"]
         assert ratio["pairs"] == 1 and ratio["tokens_per_s"] > 0
         assert len(cell["steps"]["halokit"]["tokens"]) == len(cell["steps"]["trl"]["tokens"])
     assert {e["method"] for e in results["loss_equality"]} == {"kto", "dpo"}

@@ -27,7 +27,7 @@ from halokit.errors import UserError
 from halokit.lock import RunLock
 from halokit.logprobs import LogpsModel
 from halokit.methods import Method
-from halokit.models import autocast_context, load_policy, save_model
+from halokit.models import autocast_context, dtype_note, load_policy, save_model
 from halokit.precision import MasterWeights
 from halokit.prepare import Prepared, Split, build_references, collate_options, prepare_data
 from halokit.progress import make_progress
@@ -97,8 +97,9 @@ def _train(cfg: Config, run: RunData, on_step: StepHook | None = None) -> Path:
         model.to(accelerator.device)
         master = _master_weights(cfg, model, accelerator)  # before the reference, which must see the same weights
         prepared = prepare_data(cfg, run, tokenizer, num_processes=accelerator.num_processes)
-        for note in run.notes + prepared.notes:
-            console.print(note)
+        for note in run.notes + prepared.notes + [dtype_note(cfg.model.dtype, accelerator.device)]:
+            if note:
+                console.print(note)
         prepared.references = build_references(cfg, model, prepared, accelerator=accelerator, console=console)
 
         params = master.params if master else [p for p in model.parameters() if p.requires_grad]

@@ -6,21 +6,36 @@ import pytest
 import torch
 
 from halokit.cli import main
+from halokit.demo import DemoSettings
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the quick demo's SFT is worth both cores (conftest sets 1 for small tests)
+
+def _demo(out, threads: int, smoke: bool):
+    """`halokit demo --quick` into ``out``; ``smoke``: with DemoSettings.smoke's sizes (the plumbing only)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the demo's SFT is worth both cores (conftest sets 1 for small tests)
     try:
-        assert main(["demo", "--quick", "--out", str(out)]) == 0
+        with pytest.MonkeyPatch.context() as mp:
+            if smoke:
+                mp.setattr(DemoSettings, "quick", classmethod(lambda cls, seed=0: cls.smoke(seed)))
+            assert main(["demo", "--quick", "--out", str(out)]) == 0
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return out
 
 
-def test_report_files(demo_dir):
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory, study_threads):
+    return _demo(tmp_path_factory.mktemp("demo-smoke"), study_threads, smoke=True)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory, study_threads):
+    return _demo(tmp_path_factory.mktemp("demo"), study_threads, smoke=False)
+
+
+def test_report_files(smoke_dir):
+    demo_dir = smoke_dir
     for name in ("results.json", "report.md", "report.html", "desirable_rates.png", "curves_balanced.png"):
         assert (demo_dir / name).is_file() and (demo_dir / name).stat().st_size > 0, name
     assert (demo_dir / "desirable_rates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -28,7 +43,8 @@ def test_report_files(demo_dir):
     assert "balanced/kto" in md and "scarce/kto" in md and "noisy/kto" in md
 
 
-def test_feedback_file_validates(demo_dir, capsys):
+def test_feedback_file_validates(smoke_dir, capsys):
+    demo_dir = smoke_dir
     assert main(["data", "validate", str(demo_dir / "feedback.jsonl"), "--format", "feedback"]) == 0
     out = capsys.readouterr().out
     assert "valid feedback rows" in out
@@ -36,8 +52,9 @@ def test_feedback_file_validates(demo_dir, capsys):
     assert {type(r["label"]) for r in rows} == {bool} and any(r["label"] for r in rows)
 
 
-def test_every_model_is_evaluated_against_sft(demo_dir):
-    results = json.loads((demo_dir / "results.json").read_text())
+def test_every_model_is_evaluated_against_sft(smoke_dir):
+    results = json.loads((smoke_dir / "results.json").read_text())
+    assert results["quick"] is True
     models = results["models"]
     assert {"sft", "balanced/kto", "balanced/csft", "scarce/kto", "noisy/kto"} <= set(models)
     for name, entry in models.items():
@@ -50,6 +67,7 @@ def test_every_model_is_evaluated_against_sft(demo_dir):
     assert any(line.startswith("balanced: SFT") for line in results["notes"])
 
 
+@pytest.mark.study
 def test_kto_beats_sft(demo_dir):
     """KTO on balanced thumbs up/down lifts the held-out greedy desirable rate above the SFT model's
     (measured at this size: about +15 points, all of it on arithmetic)."""
@@ -58,8 +76,8 @@ def test_kto_beats_sft(demo_dir):
     assert kto > sft, f"balanced KTO {kto:.3f} <= SFT {sft:.3f}"
 
 
-def test_rerun_reuses_every_stage(demo_dir, capsys):
-    models = json.loads((demo_dir / "results.json").read_text())["models"]
-    assert main(["demo", "--quick", "--out", str(demo_dir)]) == 0
+def test_rerun_reuses_every_stage(smoke_dir, capsys):
+    models = json.loads((smoke_dir / "results.json").read_text())["models"]
+    _demo(smoke_dir, 1, smoke=True)
     out = capsys.readouterr().out
     assert out.count("done earlier, reusing") == len(models)  # every trained model, none retrained

@@ -6,18 +6,34 @@ import pytest
 import torch
 
 from halokit.cli import main
+from halokit.unlearn_bench import UnlearnSettings
+
+
+
+def _study(out, threads: int, smoke: bool):
+    """`halokit unlearn bench --quick` into ``out``; ``smoke``: with UnlearnSettings.smoke's sizes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # worth both cores (conftest sets 1 for small tests)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            if smoke:
+                mp.setattr(UnlearnSettings, "quick", classmethod(lambda cls, seed=0: cls.smoke(seed)))
+            assert main(["unlearn", "bench", "--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("unlearn")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # worth both cores (conftest sets 1 for small tests)
-    try:
-        assert main(["unlearn", "bench", "--quick", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out
+def study(tmp_path_factory, study_threads):
+    """The plumbing at smoke size: files, curves, report."""
+    return _study(tmp_path_factory.mktemp("unlearn-smoke"), study_threads, smoke=True)
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory, study_threads):
+    """The --quick study, large enough for the NPO-vs-GA claim."""
+    return _study(tmp_path_factory.mktemp("unlearn"), study_threads, smoke=False)
 
 
 def test_report_and_data_files(study):
@@ -44,7 +60,9 @@ def test_numbers_are_consistent(study):
     assert len({round(r["utility_start"], 9) for r in runs.values()}) == 1
 
 
-def test_npo_keeps_more_utility_than_ga(study):
+@pytest.mark.study
+def test_npo_keeps_more_utility_than_ga(quick_study):
+    study = quick_study
     """NPO's claim (arXiv 2404.05868): GA's utility collapses as it forgets; NPO's weight on a forgotten
     example vanishes, so it drifts more slowly, and NPO+RT stays useful while forgetting."""
     runs = json.loads((study / "results.json").read_text())["runs"]
