@@ -31,6 +31,7 @@ from benchmarks.common import (
     tokenizer,
 )
 
+
 def variant(name: str, fast: str = "bfloat16") -> tuple[str, dict]:
     """A variant's side and settings; ``fast`` is the dtype this CPU trains faster in (common.fast_dtype).
 

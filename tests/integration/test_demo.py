@@ -9,7 +9,6 @@ from halokit.cli import main
 from halokit.demo import DemoSettings
 
 
-
 def _demo(out, threads: int, smoke: bool):
     """`halokit demo --quick` into ``out``; ``smoke``: with DemoSettings.smoke's sizes (the plumbing only)."""
     before = torch.get_num_threads()

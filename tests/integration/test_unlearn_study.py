@@ -9,7 +9,6 @@ from halokit.cli import main
 from halokit.unlearn_bench import UnlearnSettings
 
 
-
 def _study(out, threads: int, smoke: bool):
     """`halokit unlearn bench --quick` into ``out``; ``smoke``: with UnlearnSettings.smoke's sizes."""
     before = torch.get_num_threads()
