@@ -108,3 +108,24 @@ def test_resume_in_bf16_weights_mode_equals_uninterrupted(tmp_path, monkeypatch)
     b = load_file(str(cut / "model" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_cpu_bf16_detection_reads_the_flags():
+    """bf16 instructions from /proc/cpuinfo's flags (x86) or Features (Arm); unknown without either."""
+    from halokit.precision import cpu_has_bf16
+
+    assert cpu_has_bf16("processor : 0\nflags : fpu sse avx2 fma\n") is False
+    assert cpu_has_bf16("flags : avx2 avx512f avx512_bf16\n") is True
+    assert cpu_has_bf16("flags : avx2 amx_tile amx_bf16\n") is True
+    assert cpu_has_bf16("Features : fp asimd bf16 i8mm\n") is True
+    assert cpu_has_bf16("model name : something\n") is None
+
+
+def test_dtype_note_warns_only_for_emulated_bf16(monkeypatch):
+    from halokit import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert "float32" in precision.dtype_note("bfloat16", "cpu")
+    assert precision.dtype_note("float32", "cpu") is None
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.dtype_note("bfloat16", "cpu") is None

@@ -27,8 +27,8 @@ from halokit.errors import UserError
 from halokit.lock import RunLock
 from halokit.logprobs import LogpsModel
 from halokit.methods import Method
-from halokit.models import autocast_context, dtype_note, load_policy, save_model
-from halokit.precision import MasterWeights
+from halokit.models import autocast_context, load_policy, save_model
+from halokit.precision import MasterWeights, dtype_note
 from halokit.prepare import Prepared, Split, build_references, collate_options, prepare_data
 from halokit.progress import make_progress
 from halokit.run import RunData
