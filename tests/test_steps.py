@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from halokit.attention import use_varlen
 from halokit.config import (
     BetaSettings,
     IdkDPOSettings,
@@ -63,6 +64,25 @@ def models():
     # every log-ratio would be ~0): here |r| is a few nats and z₀ ≈ 1.8.
     peaked = {"initializer_range": 0.1}
     return build_tiny_model(peaked, vocab_size=V, seed=0), build_tiny_model(peaked, vocab_size=V, seed=1)
+
+
+@pytest.fixture(scope="module")
+def varlen_models():
+    """The same two models attending with varlen attention: the KL pass reuses the prompts' keys and values."""
+    pair = tuple(build_tiny_model({"initializer_range": 0.1}, vocab_size=V, seed=s) for s in (0, 1))
+    for model in pair:
+        assert use_varlen(model) is None
+    return pair
+
+
+@pytest.fixture(params=["sdpa", "varlen"])
+def kto_setup(request, models, varlen_models):
+    """(models, policy, reference, collate options) with the KL batch laid out in full (sdpa) or as the
+    suffixes that continue the policy pass's prompts (varlen, kl_prefix)."""
+    pair = models if request.param == "sdpa" else varlen_models
+    pair[0].zero_grad(set_to_none=True)
+    opts = OPTS if request.param == "sdpa" else {**OPTS, "kl_prefix": True}
+    return pair, LogpsModel(pair[0]), ModelReference(LogpsModel(pair[1])), opts
 
 
 @pytest.fixture
@@ -133,8 +153,10 @@ def kto_step(reduce_mean=lambda t: t):
 
 
 # ------------------------------------------------------------------------------------------------ KTO
-def test_kto_step_equals_the_hand_computation(models, policy, reference):
-    batch = collate(FEEDBACK, range(4), with_kl=True, **OPTS)
+def test_kto_step_equals_the_hand_computation(kto_setup):
+    models, policy, reference, opts = kto_setup
+    batch = collate(FEEDBACK, range(4), with_kl=True, **opts)
+    assert (batch.kl.prefix is not None) == ("kl_prefix" in opts)
     z0 = hand_z0_raw(models, FEEDBACK)
     assert z0 > 1.0  # policy and reference differ: a non-trivial reference point
     loss, metrics = kto_step()(policy, batch, reference)
@@ -183,15 +205,17 @@ def test_kto_reduces_the_mean_logratio_before_the_clamp(models):
     assert loss.item() == pytest.approx(hand_kto(swapped, FEEDBACK, 0.0), rel=1e-5)
 
 
-def test_no_gradient_flows_through_the_kl_pass(models, policy, reference):
+def test_no_gradient_flows_through_the_kl_pass(kto_setup):
     """The step's gradients equal those of the same loss with z₀ a plain constant, and the KL forward
     builds no graph at all."""
-    batch = collate(FEEDBACK, range(4), with_kl=True, **OPTS)
+    models, policy, reference, opts = kto_setup
+    batch = collate(FEEDBACK, range(4), with_kl=True, **opts)
     outputs = []
 
-    def recording_policy(seq):
-        out = policy(seq)
-        outputs.append((seq is batch.kl, out.sums.requires_grad))
+    def recording_policy(seq, follow=None):
+        out = policy(seq, follow)
+        for s, o in zip((seq, follow), out, strict=True):
+            outputs.append((s is batch.kl, o.sums.requires_grad))
         return out
 
     loss, _ = kto_step()(recording_policy, batch, reference)

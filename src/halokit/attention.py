@@ -19,6 +19,14 @@ kernel at these sizes; longer slots, and other devices, use ``F.scaled_dot_produ
 (is_causal=True)``. Without segments (padded batches, generation) the function is exactly
 transformers' SDPA attention with its usual mask.
 
+**Prefix reuse.** A pass can *record* every layer's keys and values (:class:`KVRecord`; they are the
+tensors attention saves for backward anyway, so recording costs no memory while that pass's graph
+lives). A later *suffix* pass over sequences that continue some of the recorded ones (a
+:class:`halokit.data.collate.Prefix`: segment g continues the first a_g tokens of a recorded sequence,
+at positions a_g, a_g + 1, …) feeds only its own tokens through the layers; its attention puts the
+recorded a_g keys and values in front of its own in each slot, which is exactly the attention the full
+sequence would compute (KTO's KL pass: the prompts were just computed by the policy pass).
+
 Only plain causal self-attention qualifies (no sliding window, logit soft-capping or attention
 sinks): :func:`supports_varlen` checks the config and the function refuses those arguments at
 run time rather than compute something else.
@@ -26,7 +34,7 @@ run time rather than compute something else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,22 +46,49 @@ _KWARG = "halokit_segments"
 SLOT_MULTIPLE = 16  # slot widths are multiples of this: few distinct attention shapes (CPU kernels compile per shape)
 
 
+class KVRecord:
+    """Every varlen attention layer's keys and values from one pass, in slot layout (S, h_kv, L, d),
+    detached, and that pass's :class:`Segments`: what a suffix pass continues. ``close()`` drops them
+    (and stops recording, e.g. when gradient checkpointing recomputes the pass in backward)."""
+
+    def __init__(self):
+        self.layers: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        self.segments: Segments | None = None
+        self.open = True
+
+    def close(self) -> None:
+        self.open = False
+        self.layers.clear()
+        self.segments = None
+
+
+def _round_up(n: int) -> int:
+    return -(-n // SLOT_MULTIPLE) * SLOT_MULTIPLE
+
+
 @dataclass(frozen=True)
 class Segments:
     """Where each token of packed rows (R, T) goes in the (S, L) slot grid, and back.
 
     gather (S·L,) int64: flat token index (r·T + t) feeding each slot; slots past a sequence's end
     repeat its last token (their outputs are never read). scatter (R·T,) int64: the slot of each token.
+    ``record``: keep this pass's keys and values there. A suffix pass (:meth:`continuing`) has
+    ``source``, the record it continues, and ``prefix_index`` (S·L,): the recorded slot row feeding
+    each key/value slot before the segment's own tokens (0, a placeholder, elsewhere).
     """
 
     gather: Tensor
     scatter: Tensor
     num: int  # S
     width: int  # L: the longest sequence, rounded up to a multiple of SLOT_MULTIPLE
+    record: KVRecord | None = field(default=None, compare=False, repr=False)
+    prefix_index: Tensor | None = field(default=None, compare=False, repr=False)
+    source: KVRecord | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_position_ids(cls, position_ids: Tensor) -> Segments:
-        """Segments of rows whose ``position_ids`` (R, T) restart at 0 at every sequence (and row)."""
+    def from_position_ids(cls, position_ids: Tensor, record: KVRecord | None = None) -> Segments:
+        """Segments of rows whose ``position_ids`` (R, T) restart at 0 at every sequence (and row); their
+        keys and values go to ``record`` when given."""
         R, T = position_ids.shape
         flat = position_ids.reshape(-1)
         index = torch.arange(R * T, device=flat.device)
@@ -61,17 +96,52 @@ class Segments:
         seg = starts.cumsum(0) - 1  # (R·T,) segment of each token
         first = index[starts]  # (S,) flat index of each segment's first token
         lengths = torch.diff(first, append=first.new_tensor([R * T]))  # (S,)
-        num, width = int(first.numel()), -(-int(lengths.max()) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+        num, width = int(first.numel()), _round_up(int(lengths.max()))
         offset = index - first[seg]  # (R·T,) position within the segment
         scatter = seg * width + offset
         j = torch.arange(width, device=flat.device)
         gather = first[:, None] + torch.minimum(j[None, :], lengths[:, None] - 1)  # (S, L)
-        return cls(gather.reshape(-1), scatter, num, width)
+        segments = cls(gather.reshape(-1), scatter, num, width, record)
+        if record is not None:
+            record.segments = segments
+        return segments
+
+    @classmethod
+    def continuing(cls, prefix, source: KVRecord) -> Segments:
+        """Segments of a suffix batch (``prefix``: a :class:`halokit.data.collate.Prefix`) whose segment g puts
+        the first a_g = ``prefix.reused[g]`` recorded keys/values of its source sequence in slots [0, a_g)
+        and its own ``prefix.sizes[g]`` tokens after them."""
+        if source.segments is None or not source.layers:
+            raise RuntimeError("a suffix pass needs the keys and values of the pass it continues; none were "
+                               "recorded (was that pass run with varlen attention and a KVRecord?)")
+        sizes, reused = prefix.sizes, prefix.reused  # (G,)
+        device = sizes.device
+        num = int(sizes.numel())
+        width = _round_up(int((reused + sizes).max()))
+        first = torch.cumsum(sizes, 0) - sizes  # (G,) flat index of each segment's first own token
+        seg = torch.repeat_interleave(torch.arange(num, device=device), sizes)  # (R·T,)
+        offset = torch.arange(seg.numel(), device=device) - first[seg]
+        scatter = seg * width + reused[seg] + offset  # own token → its slot, after the prefix
+        j = torch.arange(width, device=device)[None, :]  # (1, L)
+        own = (j - reused[:, None]).clamp(min=0)
+        gather = first[:, None] + torch.minimum(own, sizes[:, None] - 1)  # (G, L) queries: own tokens only
+        src = source.segments
+        slot = src.scatter[prefix.start.clamp(min=0)] // src.width  # (G,) recorded slot of each source sequence
+        prefix_index = torch.where(j < reused[:, None], slot[:, None] * src.width + j, 0)  # (G, L)
+        return cls(gather.reshape(-1), scatter, num, width, prefix_index=prefix_index.reshape(-1), source=source)
 
     def to_slots(self, x: Tensor) -> Tensor:
         """(R, n, T, d) → (S, n, L, d)."""
         R, n, T, d = x.shape
         slots = x.transpose(1, 2).reshape(R * T, n, d).index_select(0, self.gather)
+        return slots.view(self.num, self.width, n, d).transpose(1, 2)
+
+    def continued_slots(self, x: Tensor, recorded: Tensor) -> Tensor:
+        """Own keys or values x (R, n, T, d) after the recorded prefix (S_src, n, L_src, d) → (S, n, L, d)."""
+        R, n, T, d = x.shape
+        src = recorded.transpose(1, 2).reshape(-1, n, d).to(x.dtype)  # (S_src·L_src, n, d)
+        slots = src.index_select(0, self.prefix_index)
+        slots.index_copy_(0, self.scatter, x.transpose(1, 2).reshape(R * T, n, d))
         return slots.view(self.num, self.width, n, d).transpose(1, 2)
 
     def from_slots(self, x: Tensor, rows: int) -> Tensor:
@@ -175,8 +245,18 @@ def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
             raise RuntimeError(f"{NAME} attention got {name}={kwargs[name]!r}; it computes plain causal attention "
                                f"only (supports_varlen should have refused this model)")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = causal_attention(segments.to_slots(query), segments.to_slots(key), segments.to_slots(value), scale,
-                           dropout if module.training else 0.0)
+    q = segments.to_slots(query)
+    if segments.source is not None:  # a suffix pass: the recorded prefix's keys and values come first
+        if module not in segments.source.layers:
+            raise RuntimeError(f"no recorded keys/values for {type(module).__name__}; the suffix pass must run the "
+                               "same model as the pass it continues")
+        k_rec, v_rec = segments.source.layers[module]
+        k, v = segments.continued_slots(key, k_rec), segments.continued_slots(value, v_rec)
+    else:
+        k, v = segments.to_slots(key), segments.to_slots(value)
+        if segments.record is not None and segments.record.open:
+            segments.record.layers[module] = (k.detach(), v.detach())
+    out = causal_attention(q, k, v, scale, dropout if module.training else 0.0)
     return segments.from_slots(out, query.shape[0]), None
 
 
@@ -236,8 +316,17 @@ def is_varlen(model: nn.Module) -> bool:
     return getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME
 
 
-def decoder_kwargs(position_ids: Tensor) -> dict:
+def decoder_kwargs(position_ids: Tensor, *, record: KVRecord | None = None, prefix=None) -> dict:
     """Extra decoder arguments for packed rows under varlen attention: the segments, and a placeholder 4D
-    attention mask so that transformers builds no (T, T) mask (the function ignores it)."""
+    attention mask so that transformers builds no (T, T) mask (the function ignores it).
+
+    ``record``: keep the pass's keys and values there; with ``prefix`` (a suffix batch's
+    :class:`halokit.data.collate.Prefix`) the pass instead continues the sequences ``record`` holds."""
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=position_ids.device)
-    return {_KWARG: Segments.from_position_ids(position_ids), "attention_mask": placeholder}
+    if prefix is not None:
+        if record is None:
+            raise ValueError("a suffix batch (prefix) needs the KVRecord of the pass it continues")
+        segments = Segments.continuing(prefix, record)
+    else:
+        segments = Segments.from_position_ids(position_ids, record)
+    return {_KWARG: segments, "attention_mask": placeholder}

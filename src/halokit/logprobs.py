@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from halokit.attention import decoder_kwargs, is_varlen
+from halokit.attention import KVRecord, decoder_kwargs, is_varlen
 from halokit.data.collate import bucket_size, compiles_per_shape
 from halokit.errors import UserError
 
@@ -250,6 +250,8 @@ def sequence_logps(
     sequence_ids: Tensor | None = None,
     num_sequences: int | None = None,
     chunk_size: int = 1024,
+    kv_record: KVRecord | None = None,
+    prefix=None,
 ) -> SequenceLogps:
     """log π(y|x) = Σ_{t: completion_mask[t]} log p(input_ids[t] | input_ids[<t]) for each sequence.
 
@@ -265,6 +267,10 @@ def sequence_logps(
     Only the N completion positions reach the LM head, in chunks of `chunk_size` rows, so peak
     logits memory is chunk_size × V instead of B × T × V. Returns sums (S,) and counts (S,); a
     sequence without completion tokens gets sum 0, count 0, mean 0 and zero gradients.
+
+    Prefix reuse (varlen attention, packed rows): ``kv_record`` collects every layer's keys and values;
+    a suffix batch's ``prefix`` (:class:`halokit.data.collate.Prefix`) with the ``kv_record`` of the pass
+    it continues scores its sequences as if each were preceded by its recorded prefix.
     """
     if (sequence_ids is None) != (num_sequences is None):
         raise ValueError("sequence_ids and num_sequences go together (packed rows)")
@@ -278,7 +284,9 @@ def sequence_logps(
     _check_plain_head(causal_lm)
     extra = {"attention_mask": attention_mask}
     if sequence_ids is not None and is_varlen(causal_lm):  # each sequence attends only to itself
-        extra = decoder_kwargs(position_ids)
+        extra = decoder_kwargs(position_ids, record=kv_record, prefix=prefix)
+    elif prefix is not None:
+        raise ValueError("a suffix batch (prefix) needs packed rows and a model with varlen attention")
     hidden = causal_lm.get_decoder()(
         input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra
     ).last_hidden_state  # (B, T, H)
@@ -311,6 +319,9 @@ class LogpsModel(nn.Module):
     """``forward(seq_batch) -> SequenceLogps``: the unit that DDP/FSDP wrap, so that their forward runs.
 
     ``seq_batch`` is a :class:`halokit.data.collate.SeqBatch` (packed or padded rows).
+    ``forward(seq_batch, follow)`` also scores ``follow`` under no_grad right after, and returns both:
+    when ``follow`` is a suffix batch (``follow.prefix``) its sequences reuse the prompts' keys and
+    values just computed for ``seq_batch`` instead of running the prompts again (KTO's KL pairs).
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
@@ -318,7 +329,19 @@ class LogpsModel(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, seq) -> SequenceLogps:
+    def forward(self, seq, follow=None) -> SequenceLogps | tuple[SequenceLogps, SequenceLogps]:
+        if follow is None:
+            return self._logps(seq)
+        record = KVRecord() if follow.prefix is not None else None
+        try:
+            logps = self._logps(seq, record)
+            with torch.no_grad():
+                return logps, self._logps(follow, record)
+        finally:
+            if record is not None:
+                record.close()
+
+    def _logps(self, seq, record: KVRecord | None = None) -> SequenceLogps:
         packed = seq.sequence_ids is not None
         return sequence_logps(
             self.model,
@@ -329,4 +352,6 @@ class LogpsModel(nn.Module):
             sequence_ids=seq.sequence_ids,
             num_sequences=seq.num_sequences if packed else None,
             chunk_size=self.chunk_size,
+            kv_record=record,
+            prefix=getattr(seq, "prefix", None),
         )

@@ -48,12 +48,22 @@ class ModelReference:
         self.logps_model = logps_model
         self.adapters_off = adapters_off
         self.autocast = autocast
+        self._pending: tuple[Batch, Part, Tensor] | None = None  # the other part of the last KTO batch
 
     def __call__(self, batch: Batch, part: Part) -> Tensor:
-        seq = batch.policy if part == "policy" else batch.kl
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is batch and pending[1] == part:
+            return pending[2]
         off = adapters_disabled(self.logps_model.model) if self.adapters_off else contextlib.nullcontext()
         with torch.no_grad(), off, self.autocast():
-            return self.logps_model(seq).sums.float()
+            if batch.kl is None:
+                return self.logps_model(batch.policy if part == "policy" else batch.kl).sums.float()
+            # both parts in one call, as the policy computes them (the KL pass reusing the prompts), so that
+            # policy and reference log-probs of the same weights agree bit for bit; the other part waits
+            policy, kl = (out.sums.float() for out in self.logps_model(batch.policy, batch.kl))
+        other: Part = "kl" if part == "policy" else "policy"
+        self._pending = (batch, other, kl if other == "kl" else policy)
+        return policy if part == "policy" else kl
 
 
 class CachedReference:

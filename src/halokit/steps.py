@@ -56,12 +56,15 @@ def unpaired_step(policy, batch: Batch, reference, *, method: Method, loss_kwarg
     """KTO and APO-zero on (x, y, desirable?) examples."""
     metrics: Metrics = {}
     if method is Method.KTO:
-        # first, so that its activations are freed before the policy pass keeps its own for backward
+        # the mismatched pairs right after the policy pass, under no_grad (z₀ is a constant), reusing the
+        # prompts' keys and values when batch.kl is a suffix batch
+        out, kl_out = policy(batch.policy, batch.kl)
+        logps = out.sums  # (B,)
         with torch.no_grad():
-            kl_logps = policy(batch.kl).sums  # (B,) mismatched pairs, no grad: z₀ is a constant
-            mean_logratio = (kl_logps.float() - reference(batch, "kl")).mean()
+            mean_logratio = (kl_out.sums.float() - reference(batch, "kl")).mean()
         kl = clamp_kl(reduce_mean(mean_logratio))
-    logps = policy(batch.policy).sums  # (B,)
+    else:
+        logps = policy(batch.policy).sums  # (B,)
     ref_logps = reference(batch, "policy")
     if method is Method.KTO:
         out = kto_loss(logps, ref_logps, batch.is_desirable, kl, **loss_kwargs)

@@ -8,7 +8,11 @@ gradient-accumulation invariance), and a micro-batch's composition never changes
 KTO's in-batch KL pairs deterministic and their reference log-probs cacheable.
 
 **KL pairs** (KTO, arXiv 2402.01306 §3): inside each micro-batch of B examples, prompt i is paired with
-completion (i + 1) mod B, a mismatched pair whose log-ratio estimates the reference point z₀.
+completion (i + 1) mod B, a mismatched pair whose log-ratio estimates the reference point z₀. Pair i
+starts with the very prompt that scored sequence i starts with, at the same positions, so with
+``kl_prefix`` the KL batch holds only each pair's *suffix* — the prompt's last token and the
+completion — and a :class:`Prefix` that says which scored sequence's prompt keys and values its
+attention reuses (:mod:`halokit.attention`): the KL pass then skips the prompts' linear layers.
 
 **The layout.** Sequences (prompt ids + completion ids) are packed first-fit-decreasing into rows of
 at most ``row_tokens`` tokens with ``position_ids`` restarting at 0 for each sequence and no attention
@@ -36,6 +40,25 @@ from torch import Tensor
 Pair = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, completion_ids)
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """How the G segments of a suffix batch continue sequences of the batch scored before it.
+
+    Segment g (in flat token order, each one contiguous) holds ``sizes[g]`` tokens whose positions
+    start at ``reused[g]``; before them come the first ``reused[g]`` tokens of the earlier batch's
+    sequence whose first token sits at flat index ``start[g]`` (r·T + t) of that batch's rows. Padding
+    segments have ``reused`` 0 and ``start`` −1.
+    """
+
+    start: Tensor  # (G,) int64
+    reused: Tensor  # (G,) int64
+    sizes: Tensor  # (G,) int64, summing to the suffix batch's R·T
+
+    def to(self, device: torch.device | str) -> Prefix:
+        """A copy on ``device``."""
+        return Prefix(self.start.to(device), self.reused.to(device), self.sizes.to(device))
+
+
 @dataclass
 class SeqBatch:
     """Sequences laid out for one forward pass; ``S = num_sequences`` scored sequences."""
@@ -47,11 +70,13 @@ class SeqBatch:
     attention_mask: Tensor | None  # (R, L) int64 (padded rows), None when packed
     num_sequences: int
     num_tokens: int  # real (non-padding) tokens
+    starts: Tensor | None = None  # (S,) int64 flat index r·L + t of each sequence's first token (packed rows)
+    prefix: Prefix | None = None  # a suffix batch: the prompts it continues (see Prefix)
 
     def to(self, device: torch.device | str) -> SeqBatch:
         """A copy with every tensor on ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return SeqBatch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in moved.items()})
+        return SeqBatch(**{k: v.to(device) if isinstance(v, (Tensor, Prefix)) else v for k, v in moved.items()})
 
 
 def attention_cost(config) -> float | None:
@@ -106,10 +131,12 @@ def layout(pairs: Sequence[Pair], *, pad_id: int, packing: bool = True, row_toke
     position_ids = torch.zeros((n_rows, width), dtype=torch.long)
     sequence_ids = torch.zeros((n_rows, width), dtype=torch.long)
     completion_mask = torch.zeros((n_rows, width), dtype=torch.bool)
+    starts = torch.zeros(len(seqs), dtype=torch.long)
     for r, members in enumerate(rows):
         at = 0
         for s in members:
             n = len(seqs[s])
+            starts[s] = r * width + at
             input_ids[r, at:at + n] = torch.tensor(seqs[s])
             position_ids[r, at:at + n] = torch.arange(n)
             sequence_ids[r, at:at + n] = s
@@ -118,7 +145,35 @@ def layout(pairs: Sequence[Pair], *, pad_id: int, packing: bool = True, row_toke
         # the padding: blocks no longer than the longest sequence, each its own sequence, never scored
         position_ids[r, at:] = torch.arange(width - at) % longest
     return SeqBatch(input_ids, position_ids, completion_mask, sequence_ids, None, len(seqs),
-                    sum(map(len, seqs)))
+                    sum(map(len, seqs)), starts)
+
+
+def suffix_layout(pairs: Sequence[Pair], starts: Tensor, *, pad_id: int, bucket: bool = False) -> SeqBatch:
+    """Pair s = (prompt_s, completion) laid out as its suffix only, continuing the prompt of the sequence
+    that starts at flat index ``starts[s]`` of an earlier packed batch (the same prompt ids at the same
+    positions): tokens prompt_s[a_s:] + completion at positions a_s, a_s + 1, …, with a_s = len(prompt_s) − 1
+    (0 for an empty prompt), so that the prompt's last hidden state, which predicts the first completion
+    token, is computed here. One row, sequences back to back, then padding blocks (own segments, never
+    scored) up to ``bucket_size`` when ``bucket``. Returns a SeqBatch with a :class:`Prefix`."""
+    reused = [max(len(p) - 1, 0) for p, _ in pairs]
+    seqs = [list(p)[a:] + list(c) for (p, c), a in zip(pairs, reused, strict=True)]
+    sizes = [len(s) for s in seqs]
+    total = sum(sizes)
+    width = bucket_size(total) if bucket else total
+    longest = max(a + n for a, n in zip(reused, sizes, strict=True))
+    pads = [min(longest, width - total - k) for k in range(0, width - total, longest)]
+    ids = [t for s in seqs for t in s] + [pad_id] * (width - total)
+    positions = [a + i for a, n in zip(reused, sizes, strict=True) for i in range(n)] + \
+                [i for n in pads for i in range(n)]
+    sequence_ids = [s for s, n in enumerate(sizes) for _ in range(n)] + [0] * (width - total)
+    completion = [a + i >= len(p) for (p, _), a, n in zip(pairs, reused, sizes, strict=True) for i in range(n)] + \
+                 [False] * (width - total)
+    prefix = Prefix(torch.cat([starts.to(torch.long), torch.full((len(pads),), -1, dtype=torch.long)]),
+                    torch.tensor(reused + [0] * len(pads), dtype=torch.long),
+                    torch.tensor(sizes + pads, dtype=torch.long))
+    row = lambda values, dtype: torch.tensor([values], dtype=dtype)  # noqa: E731
+    return SeqBatch(row(ids, torch.long), row(positions, torch.long), row(completion, torch.bool),
+                    row(sequence_ids, torch.long), None, len(seqs), total, None, prefix)
 
 
 def _first_fit(lengths: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
@@ -257,11 +312,12 @@ class Batch:
 
 def collate(records: Sequence[dict], indices: Sequence[int], *, with_kl: bool = False, pad_id: int = 0,
             packing: bool = True, row_tokens: int = 2048, attention_cost: float | None = None,
-            bucket: bool = False) -> Batch:
+            bucket: bool = False, kl_prefix: bool = False) -> Batch:
     """Build a :class:`Batch` from tokenized records (see ``data.tokenize.encode_examples``).
 
     Paired records (``chosen_ids``/``rejected_ids``) give 2B sequences; others B. ``with_kl`` adds
-    KTO's KL pairs (prompt i, completion (i+1) mod B).
+    KTO's KL pairs (prompt i, completion (i+1) mod B); with ``kl_prefix`` (packed rows only) as a suffix
+    batch that continues the scored sequences' prompts (:func:`suffix_layout`).
     """
     chosen = [records[i] for i in indices]
     opts = {"pad_id": pad_id, "packing": packing, "row_tokens": row_tokens, "attention_cost": attention_cost,
@@ -271,13 +327,18 @@ def collate(records: Sequence[dict], indices: Sequence[int], *, with_kl: bool = 
                 [(r["prompt_ids"], r["rejected_ids"]) for r in chosen]
     else:
         pairs = [(r["prompt_ids"], r["completion_ids"]) for r in chosen]
+    policy = layout(pairs, **opts)
     kl = None
     if with_kl:
-        kl = layout(kl_pairs([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen]), **opts)
+        mismatched = kl_pairs([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen])
+        if kl_prefix and packing:  # pair i continues scored sequence i's prompt
+            kl = suffix_layout(mismatched, policy.starts, pad_id=pad_id, bucket=bucket)
+        else:
+            kl = layout(mismatched, **opts)
     is_desirable = None
     if "is_desirable" in chosen[0]:
         is_desirable = torch.tensor([r["is_desirable"] for r in chosen], dtype=torch.bool)
-    return Batch(torch.tensor(list(indices), dtype=torch.long), layout(pairs, **opts), kl, is_desirable)
+    return Batch(torch.tensor(list(indices), dtype=torch.long), policy, kl, is_desirable)
 
 
 def sequence_lengths(records: Sequence[dict]) -> list[int]:
