@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from halokit.attention import (
     MATH_MAX_LENGTH,
+    KVRecord,
     NAME,
     SLOT_MULTIPLE,
     Segments,
@@ -19,8 +20,8 @@ from halokit.attention import (
     supports_varlen,
     use_varlen,
 )
-from halokit.data.collate import bucket_size, layout
-from halokit.logprobs import sequence_logps
+from halokit.data.collate import bucket_size, collate, layout
+from halokit.logprobs import LogpsModel, sequence_logps
 
 V = 61
 SMALL = {"vocab_size": V, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -148,3 +149,83 @@ def test_bucket_size():
         b = bucket_size(n)
         assert n <= b <= n + max(n // 16, 16) and b % 16 == 0
     assert len({bucket_size(n) for n in range(513, 1025)}) == 16  # 544, 576, …, 1024
+
+
+# ------------------------------------------------------------------------------- prefix reuse (KTO's KL pass)
+def kl_records(lengths, seed=0):
+    return [{"prompt_ids": p, "completion_ids": c} for p, c in pairs(lengths, seed)]
+
+
+def full_and_suffix(model, records, bucket=False):
+    """KL pairs scored in full, and as suffixes continuing the policy pass (LogpsModel(seq, follow))."""
+    n = len(records)
+    opts = {"pad_id": 0, "row_tokens": 1 << 20, "bucket": bucket}
+    full = collate(records, range(n), with_kl=True, **opts)
+    suffix = collate(records, range(n), with_kl=True, kl_prefix=True, **opts)
+    logps = LogpsModel(model)
+    with torch.no_grad():
+        expected = logps(full.kl).sums
+    policy, kl = logps(suffix.policy, suffix.kl)
+    return expected, kl, policy, suffix
+
+
+@pytest.mark.parametrize("lengths", [
+    [(5, 4), (1, 6), (9, 2), (3, 3)],  # explicit attention; one prompt of a single token (nothing reused)
+    [(MATH_MAX_LENGTH, 5), (20, 30), (7, 11)],  # slots longer than MATH_MAX_LENGTH: SDPA
+])
+def test_kl_pass_continuing_the_prompts_equals_the_full_pairs(lengths):
+    """Each KL pair (prompt i, completion i+1) scored from its suffix after the policy pass equals the pair run
+    in full (float64, grouped-query heads); the suffix batch holds only prompt[-1:] + completion."""
+    model = llama().double()
+    use_varlen(model)
+    records = kl_records(lengths)
+    expected, kl, policy, suffix = full_and_suffix(model, records)
+    truth = alone(model, [(r["prompt_ids"], records[(i + 1) % len(records)]["completion_ids"])
+                          for i, r in enumerate(records)])
+    torch.testing.assert_close(kl.sums, truth, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(expected, truth, rtol=1e-10, atol=1e-10)
+    assert policy.sums.requires_grad and not kl.sums.requires_grad
+    assert suffix.kl.num_tokens == sum(1 + len(records[(i + 1) % len(records)]["completion_ids"])
+                                       for i in range(len(records)))
+    assert kl.counts.tolist() == [len(records[(i + 1) % len(records)]["completion_ids"]) for i in range(len(records))]
+
+
+def test_kl_pass_reuses_the_recorded_keys_not_its_own_tokens():
+    """Change one prompt token of the pass that is continued: the suffix pass's log-probs change, so they
+    come from the recorded keys/values (the suffix batch itself holds no prompt token but the last)."""
+    model = llama().double()
+    use_varlen(model)
+    records = kl_records([(6, 4), (5, 6), (8, 3)], seed=2)
+    _, kl, _, suffix = full_and_suffix(model, records)
+    changed = [dict(r, prompt_ids=[(r["prompt_ids"][0] + 1) % V] + r["prompt_ids"][1:]) for r in records]
+    other = collate(changed, range(3), with_kl=True, kl_prefix=True, pad_id=0, row_tokens=1 << 20)
+    assert torch.equal(other.kl.input_ids, suffix.kl.input_ids)  # the suffixes are the same tokens
+    _, kl_other = LogpsModel(model)(other.policy, other.kl)
+    assert (kl_other.sums - kl.sums).abs().min() > 1e-6
+
+
+def test_kl_pass_with_bucket_padding_and_checkpointing():
+    """Bucketed suffix rows (padding segments with no prefix) and gradient checkpointing (the policy pass is
+    recomputed in backward after the record is closed) give the same KL log-probs and finite gradients."""
+    model = llama().double()
+    use_varlen(model)
+    records = kl_records([(7, 9), (4, 13), (10, 2), (3, 5), (6, 6)], seed=4)
+    expected, kl, _, suffix = full_and_suffix(model, records, bucket=True)
+    assert suffix.kl.input_ids.shape[1] == bucket_size(suffix.kl.num_tokens) > suffix.kl.num_tokens
+    assert (suffix.kl.prefix.start[len(records):] == -1).all()  # the padding segments
+    torch.testing.assert_close(kl.sums, expected, rtol=1e-10, atol=1e-10)
+    model.activation_checkpointing_enable()
+    model.train()
+    policy, kl_ckpt = LogpsModel(model)(suffix.policy, suffix.kl)
+    policy.sums.sum().backward()
+    torch.testing.assert_close(kl_ckpt.sums, expected, rtol=1e-10, atol=1e-10)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_suffix_pass_without_a_record_is_refused():
+    model = llama()
+    use_varlen(model)
+    suffix = collate(kl_records([(4, 4), (3, 5)]), range(2), with_kl=True, kl_prefix=True, pad_id=0,
+                     row_tokens=1 << 20)
+    with pytest.raises(RuntimeError, match="keys and values"):
+        LogpsModel(model)._logps(suffix.kl, KVRecord())

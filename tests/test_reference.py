@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from halokit.attention import use_varlen
 from halokit.data.collate import collate, plan_batches, sequence_lengths
 from halokit.data.examples import FeedbackExample, PreferenceExample
 from halokit.data.tokenize import encode_examples
@@ -94,6 +95,32 @@ def test_cached_lookups_equal_the_live_reference_unpaired_with_kl(live, feedback
         assert torch.isnan(tables["policy"][i]).all() and torch.isnan(tables["kl"][i])
     planned = [i for mb in plan.micro_batches() for i in mb]
     assert torch.isfinite(tables["policy"][planned]).all() and torch.isfinite(tables["kl"][planned]).all()
+
+
+def test_live_reference_computes_both_kto_parts_in_one_call_in_either_order(feedback):
+    """With suffix KL batches a live reference scores the policy and KL parts in one call (the KL pass reusing
+    the prompts) and hands out the other part on the next call for the same batch, in either order; a
+    different batch is computed afresh."""
+    model = build_tiny_model(vocab_size=V, seed=1)
+    use_varlen(model)
+    live = ModelReference(LogpsModel(model))
+    opts = {**OPTS, "row_tokens": 1 << 20, "kl_prefix": True}
+    a, b = (collate(feedback, mb, with_kl=True, **opts) for mb in ([0, 1, 2], [3, 4, 5]))
+    full = collate(feedback, [0, 1, 2], with_kl=True, **{**opts, "kl_prefix": False})
+    with torch.no_grad():
+        expected = {"policy": LogpsModel(model)(full.policy).sums, "kl": LogpsModel(model)(full.kl).sums}
+    calls = []
+    original = live.logps_model.forward
+    live.logps_model.forward = lambda *args: calls.append(len(args)) or original(*args)
+    for first, second in (("policy", "kl"), ("kl", "policy")):
+        calls.clear()
+        got = {first: live(a, first), second: live(a, second)}
+        assert calls == [2]  # one forward over (policy, follow)
+        for part in got:
+            torch.testing.assert_close(got[part], expected[part], rtol=1e-6, atol=1e-5)
+    live(a, "policy")
+    calls.clear()
+    assert live(b, "kl").shape == (3,) and calls == [2]  # the pending part of batch a is not batch b's
 
 
 def test_cached_lookups_equal_the_live_reference_paired(live, preference):

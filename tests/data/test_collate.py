@@ -145,6 +145,38 @@ def test_collate_builds_kl_pairs_and_labels():
     assert collate(records, [0, 1]).kl is None
 
 
+def test_kl_pairs_as_suffixes_of_the_policy_prompts_golden():
+    """kl_prefix: pair i = (prompt i, completion i+1) holds prompt i's last token and the completion, at the
+    positions they have in the full pair; its Prefix names where prompt i starts in the policy row and how
+    many of its tokens are reused. Bucketed, the rest of the row is padding segments (start −1, reused 0)."""
+    records = [{"prompt_ids": [1, 10, 11], "completion_ids": [12, 2], "is_desirable": True},
+               {"prompt_ids": [1, 20], "completion_ids": [21, 22, 23, 2], "is_desirable": False},
+               {"prompt_ids": [1], "completion_ids": [31, 2], "is_desirable": True}]
+    batch = collate(records, [0, 1, 2], with_kl=True, pad_id=0, row_tokens=1 << 20, kl_prefix=True)
+    assert batch.policy.input_ids.tolist() == [[1, 20, 21, 22, 23, 2, 1, 10, 11, 12, 2, 1, 31, 2]]
+    assert batch.policy.starts.tolist() == [6, 0, 11]
+    kl = batch.kl
+    assert kl.input_ids.tolist() == [[11, 21, 22, 23, 2, 20, 31, 2, 1, 12, 2]]
+    assert kl.position_ids.tolist() == [[2, 3, 4, 5, 6, 1, 2, 3, 0, 1, 2]]
+    assert kl.sequence_ids.tolist() == [[0] * 5 + [1] * 3 + [2] * 3]
+    assert kl.completion_mask.tolist() == [[False, True, True, True, True, False, True, True, False, True, True]]
+    assert kl.prefix.start.tolist() == [6, 0, 11] and kl.prefix.reused.tolist() == [2, 1, 0]
+    assert kl.prefix.sizes.tolist() == [5, 3, 3]
+    assert kl.num_sequences == 3 and kl.num_tokens == 11 and kl.attention_mask is None
+
+    bucketed = collate(records, [0, 1, 2], with_kl=True, pad_id=0, row_tokens=1 << 20, kl_prefix=True,
+                       bucket=True).kl
+    assert bucketed.input_ids.shape == (1, 16) and bucketed.input_ids[0, 11:].tolist() == [0] * 5
+    # padding blocks are no longer than the longest pair (7 tokens), each its own segment from position 0
+    assert bucketed.prefix.sizes.tolist() == [5, 3, 3, 5] and bucketed.prefix.start.tolist() == [6, 0, 11, -1]
+    assert bucketed.position_ids[0, 11:].tolist() == [0, 1, 2, 3, 4]
+    assert not bucketed.completion_mask[0, 11:].any()
+    moved = batch.to("cpu")
+    assert torch.equal(moved.kl.prefix.sizes, kl.prefix.sizes)
+    # padded layouts have no prefix reuse: the KL pairs in full
+    assert collate(records, [0, 1, 2], with_kl=True, packing=False, kl_prefix=True).kl.prefix is None
+
+
 def test_collate_of_pairs_gives_2b_sequences_chosen_first():
     records = [{"prompt_ids": [1, 100 + i], "chosen_ids": [50 + i, 2], "rejected_ids": [60 + i, 61, 2]}
                for i in range(3)]
