@@ -139,27 +139,33 @@ def sequences(method: str, record: dict) -> list[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
-def forward_flops(shape: dict, prompt: int, completion: int) -> float:
+def forward_flops(shape: dict, prompt: int, completion: int, *, prompt_known: bool = False) -> float:
     """Useful forward FLOPs of one sequence: every linear layer on every token, causal attention, and the
-    LM head on the completion positions only (the prompt's next-token logits are never used)."""
+    LM head on the completion positions only (the prompt's next-token logits are never used). With
+    ``prompt_known`` the prompt's layers were already computed (its keys and values are at hand): only the
+    completion's tokens go through the layers, attending over prompt and completion."""
     h, i, n = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     d = h // shape["num_attention_heads"]
     q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
     length = prompt + completion
-    linear = 2 * length * (h * (q + 2 * kv) + q * h + 3 * h * i)
-    attention = 2 * 2 * q * length * (length + 1) / 2  # QKᵀ and AV over the causal triangle
+    tokens = completion if prompt_known else length
+    linear = 2 * tokens * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    # QKᵀ and AV over the causal triangle: query t attends t + 1 keys
+    attention = 2 * 2 * q * (length * (length + 1) - (prompt * (prompt + 1) if prompt_known else 0)) / 2
     return n * (linear + attention) + 2 * completion * h * shape["vocab_size"]
 
 
 def step_flops(method: str, shape: dict, records: list[dict], batch: list[int], side: str) -> float:
     """Useful FLOPs of one optimizer step: 3× forward on the trained sequences (forward + backward) and,
-    for KTO, 1× forward on the KL pairs (prompt i, completion i+1) under no_grad. The reference is a
-    one-off pass (cached) and not counted."""
+    for KTO, 1× forward on the KL pairs (prompt i, completion i+1) under no_grad — their completions only:
+    prompt i is the prompt of trained sequence i, at the same positions, so its layers are already computed.
+    The reference is a one-off pass (cached) and not counted."""
     total = sum(3 * forward_flops(shape, p, c) for i in batch for p, c in sequences(method, records[i]))
     if method == "kto":
         for k, i in enumerate(batch):
             j = kl_partner(side, batch, k)
-            total += forward_flops(shape, len(records[i]["prompt_ids"]), len(records[j]["completion_ids"]))
+            total += forward_flops(shape, len(records[i]["prompt_ids"]), len(records[j]["completion_ids"]),
+                                   prompt_known=True)
     return total
 
 
@@ -168,10 +174,12 @@ def executed_flops(method: str, shape: dict, records: list[dict], batch: list[in
     all. TRL pads each batch to its longest sequence, applies the LM head at every position and attends each
     padded row in full. halokit (bf16, ``halokit.prepare.collate_options``) packs a micro-batch into one row
     rounded up to a shape bucket, attends each sequence in its own slot of the longest length rounded up to
-    16 (``halokit.attention``), and applies the head to the completion positions, rounded up to a bucket.
-    Attention is counted as full squares on both sides (the kernels compute masked blocks too)."""
+    16 (``halokit.attention``), and applies the head to the completion positions, rounded up to a bucket;
+    its KTO KL pass runs only each pair's suffix (the prompt's last token and the completion) and attends
+    it after the prompt's recorded keys. Attention is counted as full squares on both sides (the kernels
+    compute masked blocks too)."""
     from halokit.attention import Segments
-    from halokit.data.collate import bucket_size, layout
+    from halokit.data.collate import bucket_size, layout, suffix_layout
     from halokit.prepare import ONE_ROW
 
     h, i, n, v = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
@@ -193,10 +201,18 @@ def executed_flops(method: str, shape: dict, records: list[dict], batch: list[in
         return [0] * len(records[k]["prompt_ids"]), [0] * len(records[k][part])
 
     parts = ["completion_ids"] if method == "kto" else ["chosen_ids", "rejected_ids"]
-    total = cost([ids(k, part) for part in parts for k in batch], 3)
+    trained = [ids(k, part) for part in parts for k in batch]
+    total = cost(trained, 3)
     if method == "kto":
-        total += cost([(ids(k, "completion_ids")[0], ids(kl_partner(side, batch, j), "completion_ids")[1])
-                       for j, k in enumerate(batch)], 1)
+        kl = [(ids(k, "completion_ids")[0], ids(kl_partner(side, batch, j), "completion_ids")[1])
+              for j, k in enumerate(batch)]
+        if side != "halokit":
+            return total + cost(kl, 1)
+        starts = layout(trained, pad_id=0, packing=True, row_tokens=ONE_ROW, bucket=True).starts
+        seq = suffix_layout(kl, starts, pad_id=0, bucket=True)
+        width = -(-int((seq.prefix.reused + seq.prefix.sizes).max()) // 16) * 16
+        attention = n * 4 * h * int(seq.prefix.sizes.numel()) * width ** 2
+        total += seq.input_ids.numel() * per_token + attention + bucket_size(int(seq.completion_mask.sum())) * 2 * h * v
     return total
 
 

@@ -1,0 +1,34 @@
+"""The benchmark's FLOP counts (benchmarks/common.py): what the MFU columns divide by."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+if str(ROOT) not in sys.path:  # the benchmarks package lives next to src/, not inside it
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import SHAPES, executed_flops, forward_flops, step_flops  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_known_prompt_costs_the_full_sequence_minus_the_prompt(shape):
+    """Linear layers on the completion only, attention over the rest of the causal triangle, the same head."""
+    s = SHAPES[shape]
+    for p, c in [(1, 1), (17, 40), (120, 3)]:
+        known = forward_flops(s, p, c, prompt_known=True)
+        assert known == pytest.approx(forward_flops(s, p, c) - forward_flops(s, p, 0), rel=1e-12)
+        assert known < forward_flops(s, p, c)
+
+
+def test_kto_kl_pairs_count_their_completions_only():
+    s = SHAPES["body-heavy"]
+    records = [{"prompt_ids": [0] * p, "completion_ids": [0] * c} for p, c in [(30, 10), (5, 50), (12, 12)]]
+    batch = [0, 1, 2]
+    trained = sum(3 * forward_flops(s, len(r["prompt_ids"]), len(r["completion_ids"])) for r in records)
+    kl = sum(forward_flops(s, len(records[k]["prompt_ids"]), len(records[(k + 1) % 3]["completion_ids"]),
+                           prompt_known=True) for k in batch)
+    assert step_flops("kto", s, records, batch, "halokit") == pytest.approx(trained + kl, rel=1e-12)
+    # halokit's KL pass runs the suffixes only: it executes less than TRL, which pads and runs the pairs in full
+    assert executed_flops("kto", s, records, batch, "halokit") < executed_flops("kto", s, records, batch, "trl")
