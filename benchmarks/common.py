@@ -157,10 +157,13 @@ def forward_flops(shape: dict, prompt: int, completion: int, *, prompt_known: bo
 
 def step_flops(method: str, shape: dict, records: list[dict], batch: list[int], side: str) -> float:
     """Useful FLOPs of one optimizer step: 3× forward on the trained sequences (forward + backward) and,
-    for KTO, 1× forward on the KL pairs (prompt i, completion i+1) under no_grad — their completions only:
-    prompt i is the prompt of trained sequence i, at the same positions, so its layers are already computed.
+    for KTO, 1× forward on the KL pairs (prompt i, completion i+1) under no_grad. A prompt counts once per
+    example: a KL pair's prompt is trained sequence i's (same tokens, same positions), a rejected completion's
+    prompt is the chosen one's, so only their completions go through the layers again.
     The reference is a one-off pass (cached) and not counted."""
-    total = sum(3 * forward_flops(shape, p, c) for i in batch for p, c in sequences(method, records[i]))
+    # a preference pair's rejected sequence starts with its chosen one's prompt: the prompt's layers run once
+    total = sum(3 * forward_flops(shape, p, c, prompt_known=k > 0)
+                for i in batch for k, (p, c) in enumerate(sequences(method, records[i])))
     if method == "kto":
         for k, i in enumerate(batch):
             j = kl_partner(side, batch, k)
@@ -176,10 +179,11 @@ def executed_flops(method: str, shape: dict, records: list[dict], batch: list[in
     rounded up to a shape bucket, attends each sequence in its own slot of the longest length rounded up to
     16 (``halokit.attention``), and applies the head to the completion positions, rounded up to a bucket;
     its KTO KL pass runs only each pair's suffix (the prompt's last token and the completion) and attends
-    it after the prompt's recorded keys. Attention is counted as full squares on both sides (the kernels
+    it after the prompt's recorded keys; a rejected sequence likewise runs only its suffix after the chosen
+    one's prompt. Attention is counted as full squares on both sides (the kernels
     compute masked blocks too)."""
     from halokit.attention import Segments
-    from halokit.data.collate import bucket_size, layout, suffix_layout
+    from halokit.data.collate import bucket_size, layout, shared_prompt_layout, suffix_layout
     from halokit.prepare import ONE_ROW
 
     h, i, n, v = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
@@ -202,6 +206,12 @@ def executed_flops(method: str, shape: dict, records: list[dict], batch: list[in
 
     parts = ["completion_ids"] if method == "kto" else ["chosen_ids", "rejected_ids"]
     trained = [ids(k, part) for part in parts for k in batch]
+    if method != "kto" and side == "halokit":  # the rejected sequences continue the chosen ones' prompts
+        seq = shared_prompt_layout(trained, pad_id=0, bucket=True)
+        width = -(-int((seq.prefix.reused + seq.prefix.sizes).max()) // 16) * 16
+        attention = n * 4 * h * int(seq.prefix.sizes.numel()) * width ** 2
+        head = bucket_size(int(seq.completion_mask.sum()))
+        return 3 * (seq.input_ids.numel() * per_token + attention + head * 2 * h * v)
     total = cost(trained, 3)
     if method == "kto":
         kl = [(ids(k, "completion_ids")[0], ids(kl_partner(side, batch, j), "completion_ids")[1])

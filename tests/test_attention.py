@@ -20,7 +20,8 @@ from halokit.attention import (
     supports_varlen,
     use_varlen,
 )
-from halokit.data.collate import bucket_size, collate, layout
+from halokit.data.collate import bucket_size, collate, layout, shared_prompt_layout
+from halokit.lean import use_lean_layers
 from halokit.logprobs import LogpsModel, sequence_logps
 
 V = 61
@@ -161,7 +162,7 @@ def full_and_suffix(model, records, bucket=False):
     n = len(records)
     opts = {"pad_id": 0, "row_tokens": 1 << 20, "bucket": bucket}
     full = collate(records, range(n), with_kl=True, **opts)
-    suffix = collate(records, range(n), with_kl=True, kl_prefix=True, **opts)
+    suffix = collate(records, range(n), with_kl=True, reuse_prompts=True, **opts)
     logps = LogpsModel(model)
     with torch.no_grad():
         expected = logps(full.kl).sums
@@ -198,7 +199,7 @@ def test_kl_pass_reuses_the_recorded_keys_not_its_own_tokens():
     records = kl_records([(6, 4), (5, 6), (8, 3)], seed=2)
     _, kl, _, suffix = full_and_suffix(model, records)
     changed = [dict(r, prompt_ids=[(r["prompt_ids"][0] + 1) % V] + r["prompt_ids"][1:]) for r in records]
-    other = collate(changed, range(3), with_kl=True, kl_prefix=True, pad_id=0, row_tokens=1 << 20)
+    other = collate(changed, range(3), with_kl=True, reuse_prompts=True, pad_id=0, row_tokens=1 << 20)
     assert torch.equal(other.kl.input_ids, suffix.kl.input_ids)  # the suffixes are the same tokens
     _, kl_other = LogpsModel(model)(other.policy, other.kl)
     assert (kl_other.sums - kl.sums).abs().min() > 1e-6
@@ -225,7 +226,65 @@ def test_kl_pass_with_bucket_padding_and_checkpointing():
 def test_a_suffix_pass_without_a_record_is_refused():
     model = llama()
     use_varlen(model)
-    suffix = collate(kl_records([(4, 4), (3, 5)]), range(2), with_kl=True, kl_prefix=True, pad_id=0,
+    suffix = collate(kl_records([(4, 4), (3, 5)]), range(2), with_kl=True, reuse_prompts=True, pad_id=0,
                      row_tokens=1 << 20)
     with pytest.raises(RuntimeError, match="keys and values"):
         LogpsModel(model)._logps(suffix.kl, KVRecord())
+
+
+# ------------------------------------------------------------------ shared prompts (preference pairs, one pass)
+def preference_pairs(lengths, seed=0):
+    """(prompt, chosen), …, then (prompt, rejected), … — the 2B sequences of a preference batch."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, V, (n,), generator=g).tolist()  # noqa: E731
+    triples = [(ids(p), ids(c), ids(r)) for p, c, r in lengths]
+    return [(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples]
+
+
+@pytest.mark.parametrize("lengths", [
+    [(4, 3, 5), (1, 2, 6), (7, 5, 1)],  # explicit attention; a one-token prompt (nothing shared)
+    [(MATH_MAX_LENGTH - 4, 6, 9), (12, 20, 3)],  # SDPA slots
+])
+def test_shared_prompts_equal_each_sequence_alone_in_values_and_gradients(lengths):
+    """Rejected sequences laid out as suffixes that attend to their chosen sequence's prompt in the same pass: the
+    log-probs and every parameter's gradient equal each sequence run alone (float64; halokit's lean norms keep
+    float64 where transformers' RMSNorm rounds through float32)."""
+    seqs = preference_pairs(lengths)
+    weights = torch.arange(1.0, len(seqs) + 1, dtype=torch.float64)
+    grads = {}
+    for shared in (False, True):
+        model = llama().double()
+        use_lean_layers(model)
+        if shared:
+            use_varlen(model)
+            batch = shared_prompt_layout(seqs, pad_id=0, bucket=True)
+            assert batch.num_tokens == sum(len(p) + len(c) for p, c in seqs) - \
+                sum(max(len(p) - 1, 0) for p, _ in seqs[len(lengths):])
+            out = sequence_logps(model, batch.input_ids, batch.completion_mask, position_ids=batch.position_ids,
+                                 sequence_ids=batch.sequence_ids, num_sequences=batch.num_sequences,
+                                 prefix=batch.prefix).sums
+        else:
+            out = alone(model, seqs)
+        (out * weights).sum().backward()
+        grads[shared] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(grads[True][0], grads[False][0], rtol=1e-10, atol=1e-10)
+    for name, g in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][name], g, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_collate_shares_prompts_only_with_reuse_prompts_and_packing():
+    records = [{"prompt_ids": [1, 5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2]},
+               {"prompt_ids": [1, 4], "chosen_ids": [3, 2], "rejected_ids": [2]}]
+    shared = collate(records, [0, 1], pad_id=0, row_tokens=1 << 20, reuse_prompts=True).policy
+    assert shared.input_ids.tolist() == [[1, 5, 6, 7, 2, 1, 4, 3, 2, 6, 8, 9, 2, 4, 2]]
+    assert shared.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 2, 3, 4, 5, 1, 2]]
+    assert shared.sequence_ids.tolist() == [[0] * 5 + [1] * 4 + [2] * 4 + [3] * 2]
+    assert shared.completion_mask.tolist() == [[False, False, False, True, True, False, False, True, True,
+                                                 False, True, True, True, False, True]]
+    assert shared.prefix.own and shared.prefix.start.tolist() == [-1, -1, 0, 5]
+    assert shared.prefix.reused.tolist() == [0, 0, 2, 1] and shared.prefix.sizes.tolist() == [5, 4, 4, 2]
+    assert shared.starts.tolist() == [0, 5, 9, 13]
+    assert collate(records, [0, 1], pad_id=0, row_tokens=1 << 20).policy.prefix is None
+    assert collate(records, [0, 1], pad_id=0, packing=False, reuse_prompts=True).policy.prefix is None
+    with pytest.raises(ValueError, match="same prompts"):
+        shared_prompt_layout([([1], [2]), ([3], [4])], pad_id=0)

@@ -32,3 +32,13 @@ def test_kto_kl_pairs_count_their_completions_only():
     assert step_flops("kto", s, records, batch, "halokit") == pytest.approx(trained + kl, rel=1e-12)
     # halokit's KL pass runs the suffixes only: it executes less than TRL, which pads and runs the pairs in full
     assert executed_flops("kto", s, records, batch, "halokit") < executed_flops("kto", s, records, batch, "trl")
+
+
+def test_dpo_rejected_completions_reuse_the_chosen_prompt():
+    s = SHAPES["head-heavy"]
+    records = [{"prompt_ids": [0] * p, "chosen_ids": [0] * c, "rejected_ids": [0] * r}
+               for p, c, r in [(30, 10, 5), (5, 50, 20)]]
+    expect = sum(3 * (forward_flops(s, p, c) + forward_flops(s, p, r, prompt_known=True))
+                 for p, c, r in [(30, 10, 5), (5, 50, 20)])
+    assert step_flops("dpo", s, records, [0, 1], "halokit") == pytest.approx(expect, rel=1e-12)
+    assert executed_flops("dpo", s, records, [0, 1], "halokit") < executed_flops("dpo", s, records, [0, 1], "trl")

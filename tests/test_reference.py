@@ -104,9 +104,9 @@ def test_live_reference_computes_both_kto_parts_in_one_call_in_either_order(feed
     model = build_tiny_model(vocab_size=V, seed=1)
     use_varlen(model)
     live = ModelReference(LogpsModel(model))
-    opts = {**OPTS, "row_tokens": 1 << 20, "kl_prefix": True}
+    opts = {**OPTS, "row_tokens": 1 << 20, "reuse_prompts": True}
     a, b = (collate(feedback, mb, with_kl=True, **opts) for mb in ([0, 1, 2], [3, 4, 5]))
-    full = collate(feedback, [0, 1, 2], with_kl=True, **{**opts, "kl_prefix": False})
+    full = collate(feedback, [0, 1, 2], with_kl=True, **{**opts, "reuse_prompts": False})
     with torch.no_grad():
         expected = {"policy": LogpsModel(model)(full.policy).sums, "kl": LogpsModel(model)(full.kl).sums}
     calls = []

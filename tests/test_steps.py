@@ -76,12 +76,13 @@ def varlen_models():
 
 
 @pytest.fixture(params=["sdpa", "varlen"])
-def kto_setup(request, models, varlen_models):
+def engine_setup(request, models, varlen_models):
     """(models, policy, reference, collate options) with the KL batch laid out in full (sdpa) or as the
-    suffixes that continue the policy pass's prompts (varlen, kl_prefix)."""
+    suffixes that continue the policy pass's prompts (varlen, reuse_prompts); for preference pairs the
+    rejected sequences continue their chosen one's prompt in the same pass."""
     pair = models if request.param == "sdpa" else varlen_models
     pair[0].zero_grad(set_to_none=True)
-    opts = OPTS if request.param == "sdpa" else {**OPTS, "kl_prefix": True}
+    opts = OPTS if request.param == "sdpa" else {**OPTS, "reuse_prompts": True}
     return pair, LogpsModel(pair[0]), ModelReference(LogpsModel(pair[1])), opts
 
 
@@ -153,10 +154,10 @@ def kto_step(reduce_mean=lambda t: t):
 
 
 # ------------------------------------------------------------------------------------------------ KTO
-def test_kto_step_equals_the_hand_computation(kto_setup):
-    models, policy, reference, opts = kto_setup
+def test_kto_step_equals_the_hand_computation(engine_setup):
+    models, policy, reference, opts = engine_setup
     batch = collate(FEEDBACK, range(4), with_kl=True, **opts)
-    assert (batch.kl.prefix is not None) == ("kl_prefix" in opts)
+    assert (batch.kl.prefix is not None) == ("reuse_prompts" in opts)
     z0 = hand_z0_raw(models, FEEDBACK)
     assert z0 > 1.0  # policy and reference differ: a non-trivial reference point
     loss, metrics = kto_step()(policy, batch, reference)
@@ -205,10 +206,10 @@ def test_kto_reduces_the_mean_logratio_before_the_clamp(models):
     assert loss.item() == pytest.approx(hand_kto(swapped, FEEDBACK, 0.0), rel=1e-5)
 
 
-def test_no_gradient_flows_through_the_kl_pass(kto_setup):
+def test_no_gradient_flows_through_the_kl_pass(engine_setup):
     """The step's gradients equal those of the same loss with z₀ a plain constant, and the KL forward
     builds no graph at all."""
-    models, policy, reference, opts = kto_setup
+    models, policy, reference, opts = engine_setup
     batch = collate(FEEDBACK, range(4), with_kl=True, **opts)
     outputs = []
 
@@ -259,10 +260,12 @@ def nll_chosen(values):
     return -sum(v[0] for v in values) / sum(v[4] for v in values)
 
 
-def test_dpo_step_equals_the_hand_computation(models, policy, reference):
+def test_dpo_step_equals_the_hand_computation(engine_setup):
     """DPO: −log σ(β·h), h = (log π_w − log π_ref,w) − (log π_l − log π_ref,l), mean over pairs."""
+    models, policy, reference, opts = engine_setup
     beta = 0.2
-    batch = collate(PAIRS, range(3), **OPTS)
+    batch = collate(PAIRS, range(3), **opts)
+    assert (batch.policy.prefix is not None) == ("reuse_prompts" in opts)
     loss, metrics = make_step(Method.DPO, BetaSettings(beta=beta), reduce_mean=lambda t: t)(policy, batch, reference)
     values = pair_values(models)
     chosen = [beta * (v[0] - v[2]) for v in values]

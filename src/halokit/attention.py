@@ -25,7 +25,10 @@ lives). A later *suffix* pass over sequences that continue some of the recorded 
 :class:`halokit.data.collate.Prefix`: segment g continues the first a_g tokens of a recorded sequence,
 at positions a_g, a_g + 1, …) feeds only its own tokens through the layers; its attention puts the
 recorded a_g keys and values in front of its own in each slot, which is exactly the attention the full
-sequence would compute (KTO's KL pass: the prompts were just computed by the policy pass).
+sequence would compute (KTO's KL pass: the prompts were just computed by the policy pass). Within one
+pass, a segment can likewise continue another segment of the same rows (``Prefix.own``: a rejected
+completion after its chosen one's prompt): its key/value slots gather the prompt's tokens of this pass,
+so gradients from both completions reach the prompt.
 
 Only plain causal self-attention qualifies (no sliding window, logit soft-capping or attention
 sinks): :func:`supports_varlen` checks the config and the function refuses those arguments at
@@ -74,7 +77,8 @@ class Segments:
     repeat its last token (their outputs are never read). scatter (R·T,) int64: the slot of each token.
     ``record``: keep this pass's keys and values there. A suffix pass (:meth:`continuing`) has
     ``source``, the record it continues, and ``prefix_index`` (S·L,): the recorded slot row feeding
-    each key/value slot before the segment's own tokens (0, a placeholder, elsewhere).
+    each key/value slot before the segment's own tokens (0, a placeholder, elsewhere); or, when the
+    prefixes are in the same pass, ``kv_gather`` (S·L,): the flat token feeding each key/value slot.
     """
 
     gather: Tensor
@@ -84,6 +88,7 @@ class Segments:
     record: KVRecord | None = field(default=None, compare=False, repr=False)
     prefix_index: Tensor | None = field(default=None, compare=False, repr=False)
     source: KVRecord | None = field(default=None, compare=False, repr=False)
+    kv_gather: Tensor | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_position_ids(cls, position_ids: Tensor, record: KVRecord | None = None) -> Segments:
@@ -107,11 +112,12 @@ class Segments:
         return segments
 
     @classmethod
-    def continuing(cls, prefix, source: KVRecord) -> Segments:
-        """Segments of a suffix batch (``prefix``: a :class:`halokit.data.collate.Prefix`) whose segment g puts
-        the first a_g = ``prefix.reused[g]`` recorded keys/values of its source sequence in slots [0, a_g)
-        and its own ``prefix.sizes[g]`` tokens after them."""
-        if source.segments is None or not source.layers:
+    def continuing(cls, prefix, source: KVRecord | None = None) -> Segments:
+        """Segments of a batch with a ``prefix`` (a :class:`halokit.data.collate.Prefix`) whose segment g puts
+        the first a_g = ``prefix.reused[g]`` keys/values of its source sequence in slots [0, a_g) and its own
+        ``prefix.sizes[g]`` tokens after them: recorded in ``source`` by an earlier pass, or (``prefix.own``)
+        computed in this very pass at flat tokens start_g, …, start_g + a_g − 1."""
+        if not prefix.own and (source is None or source.segments is None or not source.layers):
             raise RuntimeError("a suffix pass needs the keys and values of the pass it continues; none were "
                                "recorded (was that pass run with varlen attention and a KVRecord?)")
         sizes, reused = prefix.sizes, prefix.reused  # (G,)
@@ -125,15 +131,18 @@ class Segments:
         j = torch.arange(width, device=device)[None, :]  # (1, L)
         own = (j - reused[:, None]).clamp(min=0)
         gather = first[:, None] + torch.minimum(own, sizes[:, None] - 1)  # (G, L) queries: own tokens only
+        if prefix.own:
+            kv_gather = torch.where(j < reused[:, None], prefix.start.clamp(min=0)[:, None] + j, gather)
+            return cls(gather.reshape(-1), scatter, num, width, kv_gather=kv_gather.reshape(-1))
         src = source.segments
         slot = src.scatter[prefix.start.clamp(min=0)] // src.width  # (G,) recorded slot of each source sequence
         prefix_index = torch.where(j < reused[:, None], slot[:, None] * src.width + j, 0)  # (G, L)
         return cls(gather.reshape(-1), scatter, num, width, prefix_index=prefix_index.reshape(-1), source=source)
 
-    def to_slots(self, x: Tensor) -> Tensor:
-        """(R, n, T, d) → (S, n, L, d)."""
+    def to_slots(self, x: Tensor, gather: Tensor | None = None) -> Tensor:
+        """(R, n, T, d) → (S, n, L, d), slot by slot from the flat tokens ``gather`` (default: ``self.gather``)."""
         R, n, T, d = x.shape
-        slots = x.transpose(1, 2).reshape(R * T, n, d).index_select(0, self.gather)
+        slots = x.transpose(1, 2).reshape(R * T, n, d).index_select(0, self.gather if gather is None else gather)
         return slots.view(self.num, self.width, n, d).transpose(1, 2)
 
     def continued_slots(self, x: Tensor, recorded: Tensor) -> Tensor:
@@ -252,6 +261,8 @@ def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
                                "same model as the pass it continues")
         k_rec, v_rec = segments.source.layers[module]
         k, v = segments.continued_slots(key, k_rec), segments.continued_slots(value, v_rec)
+    elif segments.kv_gather is not None:  # prefixes from this very pass (shared prompts), with their gradients
+        k, v = segments.to_slots(key, segments.kv_gather), segments.to_slots(value, segments.kv_gather)
     else:
         k, v = segments.to_slots(key), segments.to_slots(value)
         if segments.record is not None and segments.record.open:
@@ -324,9 +335,9 @@ def decoder_kwargs(position_ids: Tensor, *, record: KVRecord | None = None, pref
     :class:`halokit.data.collate.Prefix`) the pass instead continues the sequences ``record`` holds."""
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=position_ids.device)
     if prefix is not None:
-        if record is None:
+        if record is None and not prefix.own:
             raise ValueError("a suffix batch (prefix) needs the KVRecord of the pass it continues")
-        segments = Segments.continuing(prefix, record)
+        segments = Segments.continuing(prefix, None if prefix.own else record)
     else:
         segments = Segments.from_position_ids(position_ids, record)
     return {_KWARG: segments, "attention_mask": placeholder}

@@ -146,13 +146,13 @@ def test_collate_builds_kl_pairs_and_labels():
 
 
 def test_kl_pairs_as_suffixes_of_the_policy_prompts_golden():
-    """kl_prefix: pair i = (prompt i, completion i+1) holds prompt i's last token and the completion, at the
+    """reuse_prompts: pair i = (prompt i, completion i+1) holds prompt i's last token and the completion, at the
     positions they have in the full pair; its Prefix names where prompt i starts in the policy row and how
     many of its tokens are reused. Bucketed, the rest of the row is padding segments (start −1, reused 0)."""
     records = [{"prompt_ids": [1, 10, 11], "completion_ids": [12, 2], "is_desirable": True},
                {"prompt_ids": [1, 20], "completion_ids": [21, 22, 23, 2], "is_desirable": False},
                {"prompt_ids": [1], "completion_ids": [31, 2], "is_desirable": True}]
-    batch = collate(records, [0, 1, 2], with_kl=True, pad_id=0, row_tokens=1 << 20, kl_prefix=True)
+    batch = collate(records, [0, 1, 2], with_kl=True, pad_id=0, row_tokens=1 << 20, reuse_prompts=True)
     assert batch.policy.input_ids.tolist() == [[1, 20, 21, 22, 23, 2, 1, 10, 11, 12, 2, 1, 31, 2]]
     assert batch.policy.starts.tolist() == [6, 0, 11]
     kl = batch.kl
@@ -164,7 +164,7 @@ def test_kl_pairs_as_suffixes_of_the_policy_prompts_golden():
     assert kl.prefix.sizes.tolist() == [5, 3, 3]
     assert kl.num_sequences == 3 and kl.num_tokens == 11 and kl.attention_mask is None
 
-    bucketed = collate(records, [0, 1, 2], with_kl=True, pad_id=0, row_tokens=1 << 20, kl_prefix=True,
+    bucketed = collate(records, [0, 1, 2], with_kl=True, pad_id=0, row_tokens=1 << 20, reuse_prompts=True,
                        bucket=True).kl
     assert bucketed.input_ids.shape == (1, 16) and bucketed.input_ids[0, 11:].tolist() == [0] * 5
     # padding blocks are no longer than the longest pair (7 tokens), each its own segment from position 0
@@ -174,7 +174,7 @@ def test_kl_pairs_as_suffixes_of_the_policy_prompts_golden():
     moved = batch.to("cpu")
     assert torch.equal(moved.kl.prefix.sizes, kl.prefix.sizes)
     # padded layouts have no prefix reuse: the KL pairs in full
-    assert collate(records, [0, 1, 2], with_kl=True, packing=False, kl_prefix=True).kl.prefix is None
+    assert collate(records, [0, 1, 2], with_kl=True, packing=False, reuse_prompts=True).kl.prefix is None
 
 
 def test_collate_of_pairs_gives_2b_sequences_chosen_first():

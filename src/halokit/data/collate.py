@@ -8,11 +8,13 @@ gradient-accumulation invariance), and a micro-batch's composition never changes
 KTO's in-batch KL pairs deterministic and their reference log-probs cacheable.
 
 **KL pairs** (KTO, arXiv 2402.01306 §3): inside each micro-batch of B examples, prompt i is paired with
-completion (i + 1) mod B, a mismatched pair whose log-ratio estimates the reference point z₀. Pair i
-starts with the very prompt that scored sequence i starts with, at the same positions, so with
-``kl_prefix`` the KL batch holds only each pair's *suffix* — the prompt's last token and the
-completion — and a :class:`Prefix` that says which scored sequence's prompt keys and values its
-attention reuses (:mod:`halokit.attention`): the KL pass then skips the prompts' linear layers.
+completion (i + 1) mod B, a mismatched pair whose log-ratio estimates the reference point z₀.
+
+**Prompts once** (``reuse_prompts``, varlen attention). KL pair i starts with the very prompt that scored
+sequence i starts with, at the same positions, and a preference pair's rejected sequence with its chosen
+one's prompt: the second holds only its *suffix* — the prompt's last token and the completion — and a
+:class:`Prefix` says whose prompt keys and values its attention puts first (:mod:`halokit.attention`),
+so those prompts skip the linear layers.
 
 **The layout.** Sequences (prompt ids + completion ids) are packed first-fit-decreasing into rows of
 at most ``row_tokens`` tokens with ``position_ids`` restarting at 0 for each sequence and no attention
@@ -42,21 +44,23 @@ Pair = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, completion_ids)
 
 @dataclass(frozen=True)
 class Prefix:
-    """How the G segments of a suffix batch continue sequences of the batch scored before it.
+    """How the G segments of a batch continue other sequences: of the batch scored before it (KTO's KL pairs
+    after the policy pass), or of this batch itself (``own``: a rejected completion after its chosen one).
 
     Segment g (in flat token order, each one contiguous) holds ``sizes[g]`` tokens whose positions
-    start at ``reused[g]``; before them come the first ``reused[g]`` tokens of the earlier batch's
-    sequence whose first token sits at flat index ``start[g]`` (r·T + t) of that batch's rows. Padding
-    segments have ``reused`` 0 and ``start`` −1.
+    start at ``reused[g]``; before them come the first ``reused[g]`` tokens of the sequence whose first
+    token sits at flat index ``start[g]`` (r·T + t) of that batch's rows. Segments that continue nothing
+    (whole sequences, padding) have ``reused`` 0 and ``start`` −1.
     """
 
     start: Tensor  # (G,) int64
     reused: Tensor  # (G,) int64
     sizes: Tensor  # (G,) int64, summing to the suffix batch's R·T
+    own: bool = False  # True: ``start`` indexes this batch's own rows (shared prompts within one pass)
 
     def to(self, device: torch.device | str) -> Prefix:
         """A copy on ``device``."""
-        return Prefix(self.start.to(device), self.reused.to(device), self.sizes.to(device))
+        return Prefix(self.start.to(device), self.reused.to(device), self.sizes.to(device), self.own)
 
 
 @dataclass
@@ -70,7 +74,7 @@ class SeqBatch:
     attention_mask: Tensor | None  # (R, L) int64 (padded rows), None when packed
     num_sequences: int
     num_tokens: int  # real (non-padding) tokens
-    starts: Tensor | None = None  # (S,) int64 flat index r·L + t of each sequence's first token (packed rows)
+    starts: Tensor | None = None  # (S,) int64 flat index r·L + t of each sequence's first token in the rows
     prefix: Prefix | None = None  # a suffix batch: the prompts it continues (see Prefix)
 
     def to(self, device: torch.device | str) -> SeqBatch:
@@ -155,25 +159,69 @@ def suffix_layout(pairs: Sequence[Pair], starts: Tensor, *, pad_id: int, bucket:
     (0 for an empty prompt), so that the prompt's last hidden state, which predicts the first completion
     token, is computed here. One row, sequences back to back, then padding blocks (own segments, never
     scored) up to ``bucket_size`` when ``bucket``. Returns a SeqBatch with a :class:`Prefix`."""
-    reused = [max(len(p) - 1, 0) for p, _ in pairs]
-    seqs = [list(p)[a:] + list(c) for (p, c), a in zip(pairs, reused, strict=True)]
-    sizes = [len(s) for s in seqs]
-    total = sum(sizes)
+    pieces = []
+    for s, (p, c) in enumerate(pairs):
+        a = max(len(p) - 1, 0)
+        pieces.append(_Piece(list(p)[a:] + list(c), a, len(p) - a, s, int(starts[s]), a))
+    return _one_row(pieces, len(pairs), pad_id=pad_id, bucket=bucket, own=False)
+
+
+def shared_prompt_layout(pairs: Sequence[Pair], *, pad_id: int, bucket: bool = False) -> SeqBatch:
+    """Preference pairs (chosen block of B, then rejected block of B, rejected s with chosen s's prompt) in one
+    row: the B chosen sequences in full, then each rejected sequence as its suffix only (prompt[-1:] +
+    completion at positions a_s = len(prompt) − 1, …) whose attention puts the keys and values of the chosen
+    sequence's first a_s tokens — this very pass's, with their gradients — before its own
+    (:meth:`halokit.attention.Segments.continuing`). The prompt goes through the layers once per pair."""
+    b = len(pairs) // 2
+    if len(pairs) != 2 * b or any(list(pairs[s][0]) != list(pairs[b + s][0]) for s in range(b)):
+        raise ValueError("shared_prompt_layout needs chosen then rejected blocks with the same prompts")
+    pieces, starts, at = [], [], 0
+    for s, (p, c) in enumerate(pairs[:b]):
+        pieces.append(_Piece(list(p) + list(c), 0, len(p), s, -1, 0))
+        starts.append(at)
+        at += len(p) + len(c)
+    for s, (p, c) in enumerate(pairs[b:]):
+        a = max(len(p) - 1, 0)
+        pieces.append(_Piece(list(p)[a:] + list(c), a, len(p) - a, b + s, starts[s] if a else -1, a))
+    return _one_row(pieces, len(pairs), pad_id=pad_id, bucket=bucket, own=True)
+
+
+@dataclass(frozen=True)
+class _Piece:
+    tokens: list[int]
+    first_position: int  # position of tokens[0]
+    completion_from: int  # index in tokens of the first completion token
+    sequence: int  # output slot
+    start: int  # flat index of the sequence it continues (−1: none)
+    reused: int  # tokens of that sequence before this piece
+
+
+def _one_row(pieces: list[_Piece], num_sequences: int, *, pad_id: int, bucket: bool, own: bool) -> SeqBatch:
+    """``pieces`` back to back in one row, then padding blocks (own segments from position 0, never scored,
+    none longer than the longest sequence) up to ``bucket_size`` when ``bucket``; with their :class:`Prefix`."""
+    total = sum(len(x.tokens) for x in pieces)
     width = bucket_size(total) if bucket else total
-    longest = max(a + n for a, n in zip(reused, sizes, strict=True))
+    longest = max(x.reused + len(x.tokens) for x in pieces)
     pads = [min(longest, width - total - k) for k in range(0, width - total, longest)]
-    ids = [t for s in seqs for t in s] + [pad_id] * (width - total)
-    positions = [a + i for a, n in zip(reused, sizes, strict=True) for i in range(n)] + \
-                [i for n in pads for i in range(n)]
-    sequence_ids = [s for s, n in enumerate(sizes) for _ in range(n)] + [0] * (width - total)
-    completion = [a + i >= len(p) for (p, _), a, n in zip(pairs, reused, sizes, strict=True) for i in range(n)] + \
-                 [False] * (width - total)
-    prefix = Prefix(torch.cat([starts.to(torch.long), torch.full((len(pads),), -1, dtype=torch.long)]),
-                    torch.tensor(reused + [0] * len(pads), dtype=torch.long),
-                    torch.tensor(sizes + pads, dtype=torch.long))
+    ids, positions, sequence_ids, completion, starts = [], [], [], [], [0] * num_sequences
+    for x in pieces:
+        starts[x.sequence] = len(ids)
+        n = len(x.tokens)
+        ids += x.tokens
+        positions += range(x.first_position, x.first_position + n)
+        sequence_ids += [x.sequence] * n
+        completion += [i >= x.completion_from for i in range(n)]
+    ids += [pad_id] * (width - total)
+    positions += [i for n in pads for i in range(n)]
+    sequence_ids += [0] * (width - total)
+    completion += [False] * (width - total)
+    prefix = Prefix(torch.tensor([x.start for x in pieces] + [-1] * len(pads), dtype=torch.long),
+                    torch.tensor([x.reused for x in pieces] + [0] * len(pads), dtype=torch.long),
+                    torch.tensor([len(x.tokens) for x in pieces] + pads, dtype=torch.long), own)
     row = lambda values, dtype: torch.tensor([values], dtype=dtype)  # noqa: E731
     return SeqBatch(row(ids, torch.long), row(positions, torch.long), row(completion, torch.bool),
-                    row(sequence_ids, torch.long), None, len(seqs), total, None, prefix)
+                    row(sequence_ids, torch.long), None, num_sequences, total,
+                    torch.tensor(starts, dtype=torch.long), prefix)
 
 
 def _first_fit(lengths: list[int], capacity: int) -> tuple[list[list[int]], list[int]]:
@@ -312,26 +360,32 @@ class Batch:
 
 def collate(records: Sequence[dict], indices: Sequence[int], *, with_kl: bool = False, pad_id: int = 0,
             packing: bool = True, row_tokens: int = 2048, attention_cost: float | None = None,
-            bucket: bool = False, kl_prefix: bool = False) -> Batch:
+            bucket: bool = False, reuse_prompts: bool = False) -> Batch:
     """Build a :class:`Batch` from tokenized records (see ``data.tokenize.encode_examples``).
 
     Paired records (``chosen_ids``/``rejected_ids``) give 2B sequences; others B. ``with_kl`` adds
-    KTO's KL pairs (prompt i, completion (i+1) mod B); with ``kl_prefix`` (packed rows only) as a suffix
-    batch that continues the scored sequences' prompts (:func:`suffix_layout`).
+    KTO's KL pairs (prompt i, completion (i+1) mod B). ``reuse_prompts`` (packed rows, varlen attention only)
+    runs every prompt through the layers once: KTO's KL pairs become a suffix batch that continues the scored
+    sequences' prompts (:func:`suffix_layout`); a rejected completion continues its chosen one's prompt in the
+    same pass (:func:`shared_prompt_layout`).
     """
     chosen = [records[i] for i in indices]
     opts = {"pad_id": pad_id, "packing": packing, "row_tokens": row_tokens, "attention_cost": attention_cost,
             "bucket": bucket}
-    if "chosen_ids" in chosen[0]:
+    paired = "chosen_ids" in chosen[0]
+    if paired:
         pairs = [(r["prompt_ids"], r["chosen_ids"]) for r in chosen] + \
                 [(r["prompt_ids"], r["rejected_ids"]) for r in chosen]
     else:
         pairs = [(r["prompt_ids"], r["completion_ids"]) for r in chosen]
-    policy = layout(pairs, **opts)
+    if paired and reuse_prompts and packing:  # each prompt through the layers once, for both completions
+        policy = shared_prompt_layout(pairs, pad_id=pad_id, bucket=bucket)
+    else:
+        policy = layout(pairs, **opts)
     kl = None
     if with_kl:
         mismatched = kl_pairs([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen])
-        if kl_prefix and packing:  # pair i continues scored sequence i's prompt
+        if reuse_prompts and packing:  # pair i continues scored sequence i's prompt
             kl = suffix_layout(mismatched, policy.starts, pad_id=pad_id, bucket=bucket)
         else:
             kl = layout(mismatched, **opts)
