@@ -62,6 +62,10 @@ def test_grad_accumulation_invariance(method, tmp_path, monkeypatch):
 
     KTO's KL pairs are formed per micro-batch, so its reference point z₀ differs between the two in
     general; at the first step the policy equals the reference and z₀ = 0 in both, so the update must match.
+    AdamW's first update is lr·g/(|g| + ε) per element: where |g| is near ε (1e-8) the float32 rounding of
+    the gradient, which differs between the two layouts, moves it by a fraction of lr. So at most 0.1 % of a
+    tensor's elements (and at least one) may differ by more than 1e-5 and never by more than 2·lr; a wrong
+    accumulation changes the direction of most updates.
     """
     monkeypatch.chdir(ROOT)
     common = ["train.max_steps=1", "train.warmup_ratio=0", "train.max_grad_norm=0"]
@@ -71,8 +75,12 @@ def test_grad_accumulation_invariance(method, tmp_path, monkeypatch):
     assert main(["train", recipe(method), *common, "train.micro_batch_size=4", "train.grad_accum=2",
                  f"output_dir={b}"]) == 0
     wa, wb = final_weights(a), final_weights(b)
+    lr = load_config(recipe(method), []).train.lr
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5)
+        diff = (wa[k] - wb[k]).abs()
+        off = diff > 1e-5 + 1e-5 * wb[k].abs()
+        assert int(off.sum()) <= max(1, wa[k].numel() // 1000), (k, int(off.sum()), float(diff.max()))
+        assert float(diff.max()) <= 2 * lr, k
     assert rows(a)[0]["loss"] == pytest.approx(rows(b)[0]["loss"], rel=1e-5)
 
 
