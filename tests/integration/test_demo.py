@@ -3,34 +3,19 @@
 import json
 
 import pytest
-import torch
 
 from halokit.cli import main
 from halokit.demo import DemoSettings
 
 
-def _demo(out, threads: int, smoke: bool):
-    """`halokit demo --quick` into ``out``; ``smoke``: with DemoSettings.smoke's sizes (the plumbing only)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the demo's SFT is worth both cores (conftest sets 1 for small tests)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            if smoke:
-                mp.setattr(DemoSettings, "quick", classmethod(lambda cls, seed=0: cls.smoke(seed)))
-            assert main(["demo", "--quick", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(before)
-    return out
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory, run_quick):
+    return run_quick(["demo"], DemoSettings, tmp_path_factory.mktemp("demo-smoke"), smoke=True)
 
 
 @pytest.fixture(scope="module")
-def smoke_dir(tmp_path_factory, study_threads):
-    return _demo(tmp_path_factory.mktemp("demo-smoke"), study_threads, smoke=True)
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory, study_threads):
-    return _demo(tmp_path_factory.mktemp("demo"), study_threads, smoke=False)
+def demo_dir(tmp_path_factory, run_quick):
+    return run_quick(["demo"], DemoSettings, tmp_path_factory.mktemp("demo"), smoke=False)
 
 
 def test_report_files(smoke_dir):
@@ -75,8 +60,8 @@ def test_kto_beats_sft(demo_dir):
     assert kto > sft, f"balanced KTO {kto:.3f} <= SFT {sft:.3f}"
 
 
-def test_rerun_reuses_every_stage(smoke_dir, capsys):
+def test_rerun_reuses_every_stage(smoke_dir, run_quick, capsys):
     models = json.loads((smoke_dir / "results.json").read_text())["models"]
-    _demo(smoke_dir, 1, smoke=True)
+    run_quick(["demo"], DemoSettings, smoke_dir, smoke=True)
     out = capsys.readouterr().out
     assert out.count("done earlier, reusing") == len(models)  # every trained model, none retrained

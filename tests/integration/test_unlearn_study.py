@@ -3,36 +3,21 @@
 import json
 
 import pytest
-import torch
 
 from halokit.cli import main
 from halokit.unlearn_bench import UnlearnSettings
 
 
-def _study(out, threads: int, smoke: bool):
-    """`halokit unlearn bench --quick` into ``out``; ``smoke``: with UnlearnSettings.smoke's sizes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # worth both cores (conftest sets 1 for small tests)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            if smoke:
-                mp.setattr(UnlearnSettings, "quick", classmethod(lambda cls, seed=0: cls.smoke(seed)))
-            assert main(["unlearn", "bench", "--quick", "--out", str(out)]) == 0
-    finally:
-        torch.set_num_threads(before)
-    return out
-
-
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, study_threads):
+def study(tmp_path_factory, run_quick):
     """The plumbing at smoke size: files, curves, report."""
-    return _study(tmp_path_factory.mktemp("unlearn-smoke"), study_threads, smoke=True)
+    return run_quick(["unlearn", "bench"], UnlearnSettings, tmp_path_factory.mktemp("unlearn-smoke"), smoke=True)
 
 
 @pytest.fixture(scope="module")
-def quick_study(tmp_path_factory, study_threads):
+def quick_study(tmp_path_factory, run_quick):
     """The --quick study, large enough for the NPO-vs-GA claim."""
-    return _study(tmp_path_factory.mktemp("unlearn"), study_threads, smoke=False)
+    return run_quick(["unlearn", "bench"], UnlearnSettings, tmp_path_factory.mktemp("unlearn"), smoke=False)
 
 
 def test_report_and_data_files(study):
