@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from halokit.attention import use_varlen
-from halokit.data.collate import collate, plan_batches, sequence_lengths
+from halokit.data.collate import collate
 from halokit.data.examples import FeedbackExample, PreferenceExample
+from halokit.data.plan import plan_batches, sequence_lengths
 from halokit.data.tokenize import encode_examples
 from halokit.errors import UserError
 from halokit.logprobs import LogpsModel

@@ -14,8 +14,9 @@ import torch
 
 from halokit.attention import is_varlen
 from halokit.config import Config
-from halokit.data.collate import BatchPlan, attention_cost, compiles_per_shape, plan_batches, sequence_lengths
+from halokit.data.collate import attention_cost, compiles_per_shape
 from halokit.data.examples import FeedbackExample, ForgetExample, PreferenceExample
+from halokit.data.plan import BatchPlan, plan_batches, sequence_lengths
 from halokit.data.tokenize import TokenizeSettings, encode_examples
 from halokit.errors import UserError
 from halokit.logprobs import LogpsModel

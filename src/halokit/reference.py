@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from halokit.data.collate import Batch, BatchPlan, collate
+from halokit.data.collate import Batch, collate
+from halokit.data.plan import BatchPlan
 from halokit.errors import UserError
 from halokit.logprobs import NUMERICS_VERSION, LogpsModel
 from halokit.lora import _peft_model, adapters_disabled
