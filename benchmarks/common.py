@@ -102,8 +102,8 @@ def encode(method: str, rows: list[dict]) -> list[dict]:
 
 
 def plan_order(records: list[dict], seed: int = SEED) -> list[list[int]]:
-    """The micro-batches halokit's fixed plan visits in epoch 0 (``halokit.data.collate.plan_batches``)."""
-    from halokit.data.collate import plan_batches, sequence_lengths
+    """The micro-batches halokit's fixed plan visits in epoch 0 (``halokit.data.plan.plan_batches``)."""
+    from halokit.data.plan import plan_batches, sequence_lengths
 
     plan = plan_batches(sequence_lengths(records), micro_batch_size=BATCH_SIZE, grad_accum=1, num_processes=1,
                         seed=seed)
@@ -182,23 +182,27 @@ def executed_flops(method: str, shape: dict, records: list[dict], batch: list[in
     it after the prompt's recorded keys; a rejected sequence likewise runs only its suffix after the chosen
     one's prompt. Attention is counted as full squares on both sides (the kernels
     compute masked blocks too)."""
-    from halokit.attention import Segments
+    from halokit.attention import SLOT_MULTIPLE, Segments
     from halokit.data.collate import bucket_size, layout, shared_prompt_layout, suffix_layout
     from halokit.prepare import ONE_ROW
 
     h, i, n, v = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
     per_token = 2 * n * (4 * h * h + 3 * h * i)  # MHA projections + SwiGLU
 
-    def cost(pairs: list[tuple[list, list]], factor: int) -> float:
-        if side == "halokit":
-            seq = layout(pairs, pad_id=0, packing=True, row_tokens=ONE_ROW, bucket=True)
-            tokens = seq.input_ids.numel()
-            slots = Segments.from_position_ids(seq.position_ids)
-            attention = n * 4 * h * slots.num * slots.width ** 2
-            head = bucket_size(int(seq.completion_mask.sum()))
-        else:
-            rows, width = len(pairs), max(len(p) + len(c) for p, c in pairs)
-            tokens, attention, head = rows * width, n * 4 * h * rows * width * width, rows * (width - 1)
+    def halokit_cost(seq, factor: int) -> float:
+        """A laid-out halokit row: its tokens, its (slots × width) attention grid, its bucketed head rows."""
+        if seq.prefix is None:
+            grid = Segments.from_position_ids(seq.position_ids)
+            slots, width = grid.num, grid.width
+        else:  # a slot holds the reused prefix and the segment's own tokens
+            span = int((seq.prefix.reused + seq.prefix.sizes).max())
+            slots, width = int(seq.prefix.sizes.numel()), -(-span // SLOT_MULTIPLE) * SLOT_MULTIPLE
+        head = bucket_size(int(seq.completion_mask.sum()))
+        return factor * (seq.input_ids.numel() * per_token + n * 4 * h * slots * width ** 2 + head * 2 * h * v)
+
+    def trl_cost(pairs: list[tuple[list, list]], factor: int) -> float:
+        rows, width = len(pairs), max(len(p) + len(c) for p, c in pairs)
+        tokens, attention, head = rows * width, n * 4 * h * rows * width * width, rows * (width - 1)
         return factor * (tokens * per_token + attention + head * 2 * h * v)
 
     def ids(k: int, part: str) -> tuple[list, list]:
@@ -206,24 +210,14 @@ def executed_flops(method: str, shape: dict, records: list[dict], batch: list[in
 
     parts = ["completion_ids"] if method == "kto" else ["chosen_ids", "rejected_ids"]
     trained = [ids(k, part) for part in parts for k in batch]
-    if method != "kto" and side == "halokit":  # the rejected sequences continue the chosen ones' prompts
-        seq = shared_prompt_layout(trained, pad_id=0, bucket=True)
-        width = -(-int((seq.prefix.reused + seq.prefix.sizes).max()) // 16) * 16
-        attention = n * 4 * h * int(seq.prefix.sizes.numel()) * width ** 2
-        head = bucket_size(int(seq.completion_mask.sum()))
-        return 3 * (seq.input_ids.numel() * per_token + attention + head * 2 * h * v)
-    total = cost(trained, 3)
-    if method == "kto":
-        kl = [(ids(k, "completion_ids")[0], ids(kl_partner(side, batch, j), "completion_ids")[1])
-              for j, k in enumerate(batch)]
-        if side != "halokit":
-            return total + cost(kl, 1)
-        starts = layout(trained, pad_id=0, packing=True, row_tokens=ONE_ROW, bucket=True).starts
-        seq = suffix_layout(kl, starts, pad_id=0, bucket=True)
-        width = -(-int((seq.prefix.reused + seq.prefix.sizes).max()) // 16) * 16
-        attention = n * 4 * h * int(seq.prefix.sizes.numel()) * width ** 2
-        total += seq.input_ids.numel() * per_token + attention + bucket_size(int(seq.completion_mask.sum())) * 2 * h * v
-    return total
+    kl = [(ids(k, "completion_ids")[0], ids(kl_partner(side, batch, j), "completion_ids")[1])
+          for j, k in enumerate(batch)] if method == "kto" else []
+    if side != "halokit":
+        return trl_cost(trained, 3) + (trl_cost(kl, 1) if kl else 0.0)
+    if not kl:  # the rejected sequences continue the chosen ones' prompts
+        return halokit_cost(shared_prompt_layout(trained, pad_id=0, bucket=True), 3)
+    policy = layout(trained, pad_id=0, packing=True, row_tokens=ONE_ROW, bucket=True)
+    return halokit_cost(policy, 3) + halokit_cost(suffix_layout(kl, policy.starts, pad_id=0, bucket=True), 1)
 
 
 def step_tokens(method: str, records: list[dict], batch: list[int]) -> int:

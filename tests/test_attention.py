@@ -11,9 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from halokit.attention import (
     MATH_MAX_LENGTH,
-    KVRecord,
     NAME,
     SLOT_MULTIPLE,
+    KVRecord,
     Segments,
     causal_attention,
     is_varlen,

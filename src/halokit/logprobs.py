@@ -353,5 +353,5 @@ class LogpsModel(nn.Module):
             num_sequences=seq.num_sequences if packed else None,
             chunk_size=self.chunk_size,
             kv_record=record,
-            prefix=getattr(seq, "prefix", None),
+            prefix=seq.prefix,
         )

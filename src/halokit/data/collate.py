@@ -1,11 +1,4 @@
-"""Batches: a fixed, length-bucketed plan of micro-batches, and the layout of sequences for one forward.
-
-**The plan.** Examples are grouped once (seeded) into *step batches* of
-``micro_batch_size × grad_accum × num_processes`` examples of similar length, each cut in order into
-the micro-batches of every process. Epochs only permute the order of the step batches. So an
-optimizer step sees the same examples whatever the split into micro-batches and processes (the
-gradient-accumulation invariance), and a micro-batch's composition never changes — which makes
-KTO's in-batch KL pairs deterministic and their reference log-probs cacheable.
+"""Batches: the layout of a micro-batch's sequences for one forward (the plan of micro-batches: ``data.plan``).
 
 **KL pairs** (KTO, arXiv 2402.01306 §3): inside each micro-batch of B examples, prompt i is paired with
 completion (i + 1) mod B, a mismatched pair whose log-ratio estimates the reference point z₀.
@@ -49,8 +42,8 @@ class Prefix:
 
     Segment g (in flat token order, each one contiguous) holds ``sizes[g]`` tokens whose positions
     start at ``reused[g]``; before them come the first ``reused[g]`` tokens of the sequence whose first
-    token sits at flat index ``start[g]`` (r·T + t) of that batch's rows. Segments that continue nothing
-    (whole sequences, padding) have ``reused`` 0 and ``start`` −1.
+    token sits at flat index ``start[g]`` (r·T + t) of that batch's rows (unused where ``reused`` is 0).
+    Whole sequences and padding have ``reused`` 0 and ``start`` −1.
     """
 
     start: Tensor  # (G,) int64
@@ -159,10 +152,7 @@ def suffix_layout(pairs: Sequence[Pair], starts: Tensor, *, pad_id: int, bucket:
     (0 for an empty prompt), so that the prompt's last hidden state, which predicts the first completion
     token, is computed here. One row, sequences back to back, then padding blocks (own segments, never
     scored) up to ``bucket_size`` when ``bucket``. Returns a SeqBatch with a :class:`Prefix`."""
-    pieces = []
-    for s, (p, c) in enumerate(pairs):
-        a = max(len(p) - 1, 0)
-        pieces.append(_Piece(list(p)[a:] + list(c), a, len(p) - a, s, int(starts[s]), a))
+    pieces = [_suffix(p, c, s, int(starts[s])) for s, (p, c) in enumerate(pairs)]
     return _one_row(pieces, len(pairs), pad_id=pad_id, bucket=bucket, own=False)
 
 
@@ -180,9 +170,7 @@ def shared_prompt_layout(pairs: Sequence[Pair], *, pad_id: int, bucket: bool = F
         pieces.append(_Piece(list(p) + list(c), 0, len(p), s, -1, 0))
         starts.append(at)
         at += len(p) + len(c)
-    for s, (p, c) in enumerate(pairs[b:]):
-        a = max(len(p) - 1, 0)
-        pieces.append(_Piece(list(p)[a:] + list(c), a, len(p) - a, b + s, starts[s] if a else -1, a))
+    pieces += [_suffix(p, c, b + s, starts[s]) for s, (p, c) in enumerate(pairs[b:])]
     return _one_row(pieces, len(pairs), pad_id=pad_id, bucket=bucket, own=True)
 
 
@@ -194,6 +182,13 @@ class _Piece:
     sequence: int  # output slot
     start: int  # flat index of the sequence it continues (−1: none)
     reused: int  # tokens of that sequence before this piece
+
+
+def _suffix(prompt: Sequence[int], completion: Sequence[int], sequence: int, start: int) -> _Piece:
+    """(prompt, completion) as prompt[a:] + completion at positions a, a + 1, …, a = len(prompt) − 1 (0 for an
+    empty prompt), continuing the first a tokens of the sequence that starts at flat index ``start``."""
+    a = max(len(prompt) - 1, 0)
+    return _Piece(list(prompt)[a:] + list(completion), a, len(prompt) - a, sequence, start, a)
 
 
 def _one_row(pieces: list[_Piece], num_sequences: int, *, pad_id: int, bucket: bool, own: bool) -> SeqBatch:
@@ -268,69 +263,6 @@ def kl_pairs(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[in
     return [(prompts[i], completions[(i + 1) % b]) for i in range(b)]
 
 
-# ------------------------------------------------------------------------------------------- the plan
-@dataclass(frozen=True)
-class BatchPlan:
-    """Fixed micro-batches: ``steps[k][rank][m]`` is a list of example indices.
-
-    ``num_steps`` optimizer steps per epoch; examples that do not fill a last step batch are left out
-    of the plan (``dropped``), a few at most, and reported.
-    """
-
-    steps: tuple[tuple[tuple[tuple[int, ...], ...], ...], ...]
-    dropped: tuple[int, ...]
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.steps)
-
-    def epoch_order(self, epoch: int, seed: int) -> list[int]:
-        """The order of step batches in ``epoch``: a permutation seeded by (seed, epoch)."""
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        return torch.randperm(self.num_steps, generator=gen).tolist()
-
-    def micro_batches(self) -> list[tuple[int, ...]]:
-        """Every micro-batch of the plan, all steps and ranks (for reference caches)."""
-        return [mb for step in self.steps for rank in step for mb in rank]
-
-
-def plan_batches(lengths: Sequence[int], *, micro_batch_size: int, grad_accum: int = 1, num_processes: int = 1,
-                 seed: int = 0, bucket_steps: int = 16, wrap: bool = False) -> BatchPlan:
-    """Group example indices into step batches of similar length (see module docstring).
-
-    ``lengths`` are the token lengths of the examples. Length bucketing: shuffle, cut into windows of
-    ``bucket_steps`` step batches, sort each window by length, slice it into step batches. The examples
-    that do not fill a last step batch are dropped, or with ``wrap`` the last batch is completed with the
-    first examples of the shuffled order (so every example is in every epoch, a few twice: what unlearning
-    needs, where each forget example left out would stay remembered).
-    """
-    step_size = micro_batch_size * grad_accum * num_processes
-    if len(lengths) < step_size:
-        raise ValueError(f"{len(lengths)} examples cannot fill one optimizer step of {step_size} "
-                         f"(micro_batch_size × grad_accum × processes)")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=gen).tolist()
-    rest = len(order) % step_size
-    if wrap and rest:
-        order += order[:step_size - rest]
-    usable = len(order) - len(order) % step_size
-    kept, dropped = order[:usable], order[usable:]
-    window = step_size * bucket_steps
-    step_batches = []
-    for start in range(0, usable, window):
-        chunk = sorted(kept[start:start + window], key=lambda i: lengths[i])
-        step_batches += [chunk[j:j + step_size] for j in range(0, len(chunk), step_size)]
-    steps = []
-    for batch in step_batches:
-        per_rank = []
-        for rank in range(num_processes):
-            mine = batch[rank * micro_batch_size * grad_accum:(rank + 1) * micro_batch_size * grad_accum]
-            per_rank.append(tuple(tuple(mine[m * micro_batch_size:(m + 1) * micro_batch_size])
-                                  for m in range(grad_accum)))
-        steps.append(tuple(per_rank))
-    return BatchPlan(tuple(steps), tuple(sorted(dropped)))
-
-
 # ------------------------------------------------------------------------------------------ batches
 @dataclass
 class Batch:
@@ -378,14 +310,15 @@ def collate(records: Sequence[dict], indices: Sequence[int], *, with_kl: bool = 
                 [(r["prompt_ids"], r["rejected_ids"]) for r in chosen]
     else:
         pairs = [(r["prompt_ids"], r["completion_ids"]) for r in chosen]
-    if paired and reuse_prompts and packing:  # each prompt through the layers once, for both completions
+    reuse_prompts = reuse_prompts and packing
+    if paired and reuse_prompts:  # each prompt through the layers once, for both completions
         policy = shared_prompt_layout(pairs, pad_id=pad_id, bucket=bucket)
     else:
         policy = layout(pairs, **opts)
     kl = None
     if with_kl:
         mismatched = kl_pairs([r["prompt_ids"] for r in chosen], [r["completion_ids"] for r in chosen])
-        if reuse_prompts and packing:  # pair i continues scored sequence i's prompt
+        if reuse_prompts:  # pair i continues scored sequence i's prompt
             kl = suffix_layout(mismatched, policy.starts, pad_id=pad_id, bucket=bucket)
         else:
             kl = layout(mismatched, **opts)
@@ -393,9 +326,3 @@ def collate(records: Sequence[dict], indices: Sequence[int], *, with_kl: bool = 
     if "is_desirable" in chosen[0]:
         is_desirable = torch.tensor([r["is_desirable"] for r in chosen], dtype=torch.bool)
     return Batch(torch.tensor(list(indices), dtype=torch.long), policy, kl, is_desirable)
-
-
-def sequence_lengths(records: Sequence[dict]) -> list[int]:
-    """Tokens per example (prompt + its longest completion), for length bucketing."""
-    return [len(r["prompt_ids"]) + max(len(r.get("completion_ids", ())), len(r.get("chosen_ids", ())),
-                                       len(r.get("rejected_ids", ()))) for r in records]
