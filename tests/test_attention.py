@@ -288,3 +288,26 @@ def test_collate_shares_prompts_only_with_reuse_prompts_and_packing():
     assert collate(records, [0, 1], pad_id=0, packing=False, reuse_prompts=True).policy.prefix is None
     with pytest.raises(ValueError, match="same prompts"):
         shared_prompt_layout([([1], [2]), ([3], [4])], pad_id=0)
+
+
+def test_shared_prompts_under_gradient_checkpointing_give_the_same_gradients():
+    """Checkpointing recomputes each layer in backward, the gather from the chosen prompt included: same values
+    and gradients as without it."""
+    seqs = preference_pairs([(6, 4, 7), (3, 9, 2), (8, 2, 5)], seed=7)
+    batch = shared_prompt_layout(seqs, pad_id=0, bucket=True)
+    results = []
+    for checkpointing in (False, True):
+        model = llama().double()
+        use_lean_layers(model)
+        use_varlen(model)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        out = sequence_logps(model, batch.input_ids, batch.completion_mask, position_ids=batch.position_ids,
+                             sequence_ids=batch.sequence_ids, num_sequences=batch.num_sequences,
+                             prefix=batch.prefix).sums
+        (out * torch.arange(1.0, 7.0, dtype=torch.float64)).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-10, atol=1e-12, msg=name)
