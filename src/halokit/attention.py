@@ -37,7 +37,7 @@ run time rather than compute something else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,7 @@ class Segments:
     prefix_index: Tensor | None = field(default=None, compare=False, repr=False)
     source: KVRecord | None = field(default=None, compare=False, repr=False)
     kv_gather: Tensor | None = field(default=None, compare=False, repr=False)
+    needed: Tensor | None = field(default=None, compare=False, repr=False)  # (N,) flat positions the LM head reads
 
     @classmethod
     def from_position_ids(cls, position_ids: Tensor, record: KVRecord | None = None) -> Segments:
@@ -327,12 +328,14 @@ def is_varlen(model: nn.Module) -> bool:
     return getattr(getattr(base, "config", None), "_attn_implementation", None) == NAME
 
 
-def decoder_kwargs(position_ids: Tensor, *, record: KVRecord | None = None, prefix=None) -> dict:
+def decoder_kwargs(position_ids: Tensor, *, record: KVRecord | None = None, prefix=None,
+                   needed: Tensor | None = None) -> dict:
     """Extra decoder arguments for packed rows under varlen attention: the segments, and a placeholder 4D
     attention mask so that transformers builds no (T, T) mask (the function ignores it).
 
     ``record``: keep the pass's keys and values there; with ``prefix`` (a suffix batch's
-    :class:`halokit.data.collate.Prefix`) the pass instead continues the sequences ``record`` holds."""
+    :class:`halokit.data.collate.Prefix`) the pass instead continues the sequences ``record`` holds.
+    ``needed`` (N,): the flat positions whose last hidden state is read (:mod:`halokit.last_layer`)."""
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=position_ids.device)
     if prefix is not None:
         if record is None and not prefix.own:
@@ -340,4 +343,6 @@ def decoder_kwargs(position_ids: Tensor, *, record: KVRecord | None = None, pref
         segments = Segments.continuing(prefix, None if prefix.own else record)
     else:
         segments = Segments.from_position_ids(position_ids, record)
+    if needed is not None:
+        segments = replace(segments, needed=needed)
     return {_KWARG: segments, "attention_mask": placeholder}

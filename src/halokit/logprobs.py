@@ -191,15 +191,18 @@ def sequence_logps_from_hidden(
     num_sequences: int | None = None,
     position_ids: Tensor | None = None,
     chunk_size: int = 1024,
+    target_idx: Tensor | None = None,
 ) -> SequenceLogps:
-    """Sequence log-probs from the backbone's last hidden states (B, T, H); see `sequence_logps`."""
+    """Sequence log-probs from the backbone's last hidden states (B, T, H); see `sequence_logps`.
+    ``target_idx`` (N,): the flat indices of the completion tokens, when already computed."""
     B, T, H = hidden.shape
     if input_ids.shape != (B, T) or completion_mask.shape != (B, T) or completion_mask.dtype != torch.bool:
         raise ValueError(
             f"input_ids and completion_mask must be ({B}, {T}) and completion_mask bool; got "
             f"{tuple(input_ids.shape)}, {tuple(completion_mask.shape)} {completion_mask.dtype}"
         )
-    target_idx = completion_mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat index of y_t
+    if target_idx is None:
+        target_idx = completion_mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat index of y_t
     if sequence_ids is None:
         seq, num_sequences = target_idx // T, B  # (N,) one sequence per row
     else:
@@ -283,8 +286,11 @@ def sequence_logps(
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     _check_plain_head(causal_lm)
     extra = {"attention_mask": attention_mask}
+    target_idx = None
     if sequence_ids is not None and is_varlen(causal_lm):  # each sequence attends only to itself
-        extra = decoder_kwargs(position_ids, record=kv_record, prefix=prefix)
+        # the positions h_{t−1} that predict completion tokens: all the LM head reads (halokit.last_layer)
+        target_idx = completion_mask.reshape(-1).nonzero().squeeze(1)
+        extra = decoder_kwargs(position_ids, record=kv_record, prefix=prefix, needed=(target_idx - 1).clamp(min=0))
     elif prefix is not None:
         raise ValueError("a suffix batch (prefix) needs packed rows and a model with varlen attention")
     hidden = causal_lm.get_decoder()(
@@ -299,6 +305,7 @@ def sequence_logps(
         num_sequences=num_sequences,
         position_ids=position_ids,
         chunk_size=chunk_size,
+        target_idx=target_idx,
     )
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from halokit.attention import use_varlen
 from halokit.errors import ConfigError, UserError
+from halokit.last_layer import use_read_positions_only
 from halokit.lean import use_lean_layers
 from halokit.lora import _first_line, _peft_model, _quiet_peft, add_lora, has_adapters
 
@@ -227,7 +228,8 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
 
     Tiny models use the byte tokenizer unless ``settings.tokenizer`` says otherwise and get
     ``vocab_size`` rows (default: the tokenizer's size). Then: a pad token (falls back to EOS),
-    lean norms and MLPs (``halokit.lean``), varlen attention (``halokit.attention``) when ``attn_implementation`` is auto or varlen and the
+    lean norms and MLPs (``halokit.lean``), varlen attention (``halokit.attention``, with the last layer on the LM head's
+    positions only: ``halokit.last_layer``) when ``attn_implementation`` is auto or varlen and the
     model qualifies, gradient checkpointing when asked, and LoRA when ``settings.lora.r > 0``. ``seed`` fixes the
     tiny model's and the LoRA weights' initialisation.
     """
@@ -253,6 +255,8 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
         if why is not None and settings.attn_implementation == "varlen":
             raise ConfigError(f"model.attn_implementation=varlen: {settings.path or 'model.tiny'} cannot use it "
                               f"({why}); use auto or sdpa")
+        if why is None:  # the last layer's MLP and o-proj only where the LM head reads (halokit.last_layer)
+            use_read_positions_only(model)
     if settings.gradient_checkpointing:
         model.config.use_cache = False  # a cache is incompatible with recomputation
         model.activation_checkpointing_enable()  # also makes embedding outputs require grad, for LoRA
