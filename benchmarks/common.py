@@ -140,19 +140,22 @@ def sequences(method: str, record: dict) -> list[tuple[int, int]]:
 
 # ------------------------------------------------------------------------------------------ FLOPs
 def forward_flops(shape: dict, prompt: int, completion: int, *, prompt_known: bool = False) -> float:
-    """Useful forward FLOPs of one sequence: every linear layer on every token, causal attention, and the
-    LM head on the completion positions only (the prompt's next-token logits are never used). With
-    ``prompt_known`` the prompt's layers were already computed (its keys and values are at hand): only the
-    completion's tokens go through the layers, attending over prompt and completion."""
+    """Useful forward FLOPs of one sequence: every linear layer on every token — except, in the last layer,
+    o-proj and the MLP, which only the completion positions need (elsewhere the last layer serves only its
+    keys and values) — causal attention, and the LM head on the completion positions (the prompt's
+    next-token logits are never used). With ``prompt_known`` the prompt's layers were already computed (its
+    keys and values are at hand): only the completion's tokens go through the layers, attending over prompt
+    and completion."""
     h, i, n = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     d = h // shape["num_attention_heads"]
     q, kv = shape["num_attention_heads"] * d, shape["num_key_value_heads"] * d
     length = prompt + completion
     tokens = completion if prompt_known else length
-    linear = 2 * tokens * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    qkv, rest = h * (q + 2 * kv), q * h + 3 * h * i  # per token: projections feeding attention, and the rest
+    linear = 2 * tokens * qkv * n + 2 * rest * (tokens * (n - 1) + completion)
     # QKᵀ and AV over the causal triangle: query t attends t + 1 keys
     attention = 2 * 2 * q * (length * (length + 1) - (prompt * (prompt + 1) if prompt_known else 0)) / 2
-    return n * (linear + attention) + 2 * completion * h * shape["vocab_size"]
+    return linear + n * attention + 2 * completion * h * shape["vocab_size"]
 
 
 def step_flops(method: str, shape: dict, records: list[dict], batch: list[int], side: str) -> float:
@@ -180,8 +183,8 @@ def executed_flops(method: str, shape: dict, records: list[dict], batch: list[in
     16 (``halokit.attention``), and applies the head to the completion positions, rounded up to a bucket;
     its KTO KL pass runs only each pair's suffix (the prompt's last token and the completion) and attends
     it after the prompt's recorded keys; a rejected sequence likewise runs only its suffix after the chosen
-    one's prompt. Attention is counted as full squares on both sides (the kernels
-    compute masked blocks too)."""
+    one's prompt; its last layer runs o-proj and the MLP only where the head reads. Attention is counted as
+    full squares on both sides (the kernels compute masked blocks too)."""
     from halokit.attention import SLOT_MULTIPLE, Segments
     from halokit.data.collate import bucket_size, layout, shared_prompt_layout, suffix_layout
     from halokit.prepare import ONE_ROW
@@ -197,8 +200,10 @@ def executed_flops(method: str, shape: dict, records: list[dict], batch: list[in
         else:  # a slot holds the reused prefix and the segment's own tokens
             span = int((seq.prefix.reused + seq.prefix.sizes).max())
             slots, width = int(seq.prefix.sizes.numel()), -(-span // SLOT_MULTIPLE) * SLOT_MULTIPLE
-        head = bucket_size(int(seq.completion_mask.sum()))
-        return factor * (seq.input_ids.numel() * per_token + n * 4 * h * slots * width ** 2 + head * 2 * h * v)
+        read = int(seq.completion_mask.sum())
+        skipped = (seq.input_ids.numel() - read) * 2 * (h * h + 3 * h * i)  # last layer: o-proj and MLP unread
+        return factor * (seq.input_ids.numel() * per_token - skipped + n * 4 * h * slots * width ** 2 +
+                         bucket_size(read) * 2 * h * v)
 
     def trl_cost(pairs: list[tuple[list, list]], factor: int) -> float:
         rows, width = len(pairs), max(len(p) + len(c) for p, c in pairs)

@@ -42,3 +42,14 @@ def test_dpo_rejected_completions_reuse_the_chosen_prompt():
                  for p, c, r in [(30, 10, 5), (5, 50, 20)])
     assert step_flops("dpo", s, records, [0, 1], "halokit") == pytest.approx(expect, rel=1e-12)
     assert executed_flops("dpo", s, records, [0, 1], "halokit") < executed_flops("dpo", s, records, [0, 1], "trl")
+
+
+def test_the_last_layer_counts_o_proj_and_mlp_on_completion_positions_only():
+    """Prompt tokens cost q/k/v in the last layer but not its o-proj and MLP: the difference between a 5-token and a
+    1-token prompt (same completion) is 4 tokens of full layers below and 4 tokens of q/k/v in the last one,
+    plus attention."""
+    s = SHAPES["body-heavy"]
+    h, i, n = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    linear = lambda p, c: forward_flops(s, p, c) - 2 * 2 * h * ((p + c) * (p + c + 1)) / 2 * n  # noqa: E731
+    extra = linear(5, 3) - linear(1, 3)
+    assert extra == pytest.approx(2 * 4 * (3 * h * h * n + (h * h + 3 * h * i) * (n - 1)), rel=1e-12)
