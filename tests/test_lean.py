@@ -91,3 +91,24 @@ def test_lora_layers_keep_their_forward():
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(4))
     m(input_ids=ids).logits.sum().backward()
     assert any("lora" in n and p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters())
+
+
+def test_lean_norms_survive_train_eval_switches(tmp_path):
+    """transformers kernelizes models loaded with from_pretrained and re-binds the norms' forward on every
+    train()/eval(); load_policy's lean norms must still be in place after such switches."""
+    from halokit.config import ModelSettings
+    from halokit.lean import _norm_forward
+    from halokit.models import load_policy
+
+    build_tiny_model({"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 48},
+                     vocab_size=300).save_pretrained(tmp_path / "m")
+    policy, _ = load_policy(ModelSettings(path=str(tmp_path / "m"), tokenizer="byte"))
+    for switch in (policy.eval, policy.train, policy.eval, policy.train):
+        switch()
+    norms = [m for m in policy.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 5
+    assert all(getattr(m.forward, "__func__", None) is _norm_forward for m in norms)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    _, seen = saved_bytes(lambda: policy.model.norm(x))
+    weight = policy.model.norm.weight.untyped_storage().data_ptr()
+    assert sorted(n for ptr, n in seen.items() if ptr != weight) == [2 * 9 * 4, x.nbytes]  # r and x only

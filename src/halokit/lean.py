@@ -97,12 +97,27 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
     return _SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), down.weight, down.bias)
 
 
+def _stop_kernelizing(model: nn.Module) -> None:
+    """Undo transformers' Hub-kernel kernelization on every model inside ``model`` (torch forwards back, and no
+    re-kernelization on train/eval switches)."""
+    for module in model.modules():
+        if getattr(module, "use_kernels", False) is True and hasattr(module, "reset_kernels"):
+            module.reset_kernels()
+
+
 def _is_silu(act: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 def use_lean_layers(model: nn.Module) -> int:
-    """Give the recognised RMSNorm and SwiGLU MLP modules of ``model`` their lean forward; how many were changed."""
+    """Give the recognised RMSNorm and SwiGLU MLP modules of ``model`` their lean forward; how many were changed.
+
+    transformers (≥ 5) loads models "kernelized" by default: the norms' ``forward`` is an instance attribute
+    that every ``model.train()`` / ``model.eval()`` switch re-binds (to a Hub kernel, or offline to the plain
+    torch forward), which would silently undo the lean norms at the first mode switch. Kernelization is turned
+    off first (:func:`_stop_kernelizing`); halokit owns these layers' implementation.
+    """
+    _stop_kernelizing(model)
     changed = 0
     for module in model.modules():
         name = type(module).__name__
