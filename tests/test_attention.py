@@ -284,6 +284,10 @@ def test_collate_shares_prompts_only_with_reuse_prompts_and_packing():
     assert shared.prefix.own and shared.prefix.start.tolist() == [-1, -1, 0, 5]
     assert shared.prefix.reused.tolist() == [0, 0, 2, 1] and shared.prefix.sizes.tolist() == [5, 4, 4, 2]
     assert shared.starts.tolist() == [0, 5, 9, 13]
+    # each sequence's prompt counts as trained tokens, though the rejected ones are laid out once
+    assert shared.sequence_tokens == (3 + 2) + (3 + 3) + (2 + 2) + (2 + 1) and shared.num_tokens == 15
+    padded = collate(records, [0, 1], pad_id=0, packing=False).policy
+    assert padded.sequence_tokens == padded.num_tokens == shared.sequence_tokens
     assert collate(records, [0, 1], pad_id=0, row_tokens=1 << 20).policy.prefix is None
     assert collate(records, [0, 1], pad_id=0, packing=False, reuse_prompts=True).policy.prefix is None
     with pytest.raises(ValueError, match="same prompts"):

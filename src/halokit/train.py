@@ -146,13 +146,14 @@ def _train(cfg: Config, run: RunData, on_step: StepHook | None = None) -> Path:
                 loss_sum = torch.zeros((), device=accelerator.device)
                 for m, batch in enumerate(micro_batches):
                     batch = _with_retain(batch, prepared, pos.step, m, cfg, accelerator, opts)
+                    # trained (x, y) tokens: KL pairs and padding not counted, a shared prompt counted per sequence
+                    tokens += batch.policy.sequence_tokens + (batch.retain.sequence_tokens if batch.retain else 0)
                     batch = batch.to(accelerator.device)
                     last = m == len(micro_batches) - 1
                     with (nullcontext() if last else accelerator.no_sync(policy)), autocast():
                         loss, metrics = step_fn(policy, batch, prepared.references.get("train"))
                     accelerator.backward(loss / len(micro_batches))
                     loss_sum += loss.detach()
-                    tokens += batch.policy.num_tokens + (batch.kl.num_tokens if batch.kl else 0)
                     for name, value in metrics.items():
                         window[name] = window.get(name, 0) + value
                 # ---- clip, guard against NaN/Inf, update

@@ -163,10 +163,12 @@ def test_kl_pairs_as_suffixes_of_the_policy_prompts_golden():
     assert kl.prefix.start.tolist() == [6, 0, 11] and kl.prefix.reused.tolist() == [2, 1, 0]
     assert kl.prefix.sizes.tolist() == [5, 3, 3]
     assert kl.num_sequences == 3 and kl.num_tokens == 11 and kl.attention_mask is None
+    assert kl.sequence_tokens == (3 + 4) + (2 + 2) + (1 + 2)  # (prompt i, completion i+1), prompts counted in full
 
     bucketed = collate(records, [0, 1, 2], with_kl=True, pad_id=0, row_tokens=1 << 20, reuse_prompts=True,
                        bucket=True).kl
     assert bucketed.input_ids.shape == (1, 16) and bucketed.input_ids[0, 11:].tolist() == [0] * 5
+    assert bucketed.sequence_tokens == kl.sequence_tokens  # padding segments add nothing
     # padding blocks are no longer than the longest pair (7 tokens), each its own segment from position 0
     assert bucketed.prefix.sizes.tolist() == [5, 3, 3, 5] and bucketed.prefix.start.tolist() == [6, 0, 11, -1]
     assert bucketed.position_ids[0, 11:].tolist() == [0, 1, 2, 3, 4]

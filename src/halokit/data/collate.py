@@ -70,6 +70,12 @@ class SeqBatch:
     starts: Tensor | None = None  # (S,) int64 flat index r·L + t of each sequence's first token in the rows
     prefix: Prefix | None = None  # a suffix batch: the prompts it continues (see Prefix)
 
+    @property
+    def sequence_tokens(self) -> int:
+        """Real tokens of the scored sequences, a prefix reused from another sequence counted in full (a suffix
+        batch lays out only its own tokens): Σ_s |x_s| + |y_s|."""
+        return self.num_tokens + (int(self.prefix.reused.sum()) if self.prefix is not None else 0)
+
     def to(self, device: torch.device | str) -> SeqBatch:
         """A copy with every tensor on ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
