@@ -188,53 +188,49 @@ class _ExplicitCausalAttention(torch.autograd.Function):
     PyTorch's CPU softmax and softmax-backward kernels accumulate bf16 rows in float32, so this equals
     casting scores and probabilities to float32 around them (bit for bit on the benchmark shapes) at a
     third of the time: no cast passes over the (L, L) blocks. Autograd's composition would also save
-    P twice; this saves it once. Key/value heads shared by several query heads are expanded inside and
-    their gradients summed back.
+    P twice; this saves it once.
+
+    Grouped-query attention (h query heads, h_kv key/value heads, g = h / h_kv): the g query heads that share
+    a key/value head are stacked along the rows, q (S, h, L, d) → (S, h_kv, g·L, d), so every product is
+    one (g·L)-row matrix against the shared, unexpanded keys and values, and dk, dv come out of their
+    products already summed over the group: no copies of k and v per query head, no reduction.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        heads = q.shape[1]
-        q_scaled = q * scale
-        scores = torch.matmul(q_scaled, _expand(k, heads).transpose(-1, -2))  # (S, h, L, L)
-        probs = torch.softmax(scores.masked_fill_(_future(q.shape[-2], q.device), float("-inf")), -1)
+        S, h, L, d = q.shape
+        h_kv = k.shape[1]
+        q_scaled = (q * scale).reshape(S, h_kv, h // h_kv * L, d)  # (S, h_kv, g·L, d)
+        scores = torch.matmul(q_scaled, k.transpose(-1, -2))  # (S, h_kv, g·L, L)
+        probs = torch.softmax(scores.masked_fill_(_future(L, h // h_kv, q.device), float("-inf")), -1)
         ctx.save_for_backward(q_scaled, k, v, probs)
         ctx.scale = scale
-        return torch.matmul(probs, _expand(v, heads))
+        return torch.matmul(probs, v).view(S, h, L, d)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q_scaled, k, v, probs = ctx.saved_tensors
-        h, h_kv = q_scaled.shape[1], k.shape[1]
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # (S, h, L, d)
-        grad_probs = torch.matmul(grad_out, _expand(v, h).transpose(-1, -2))
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        grad_q = torch.matmul(grad_scores, _expand(k, h)).mul_(ctx.scale)
+        S, h, L, d = grad_out.shape
+        grad_out = grad_out.reshape(q_scaled.shape)  # (S, h_kv, g·L, d)
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)  # (S, h_kv, L, d), summed over the group
+        grad_scores = torch._softmax_backward_data(torch.matmul(grad_out, v.transpose(-1, -2)), probs, -1,
+                                                   probs.dtype)
+        grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale).view(S, h, L, d)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q_scaled)
-        return grad_q, _reduce(grad_k, h_kv), _reduce(grad_v, h_kv), None
+        return grad_q, grad_k, grad_v, None
 
 
 _FUTURE: dict[tuple, Tensor] = {}
 
 
-def _future(length: int, device: torch.device) -> Tensor:
-    """(L, L) bool, True above the diagonal (the positions a query must not see); cached per size."""
-    key = (length, str(device))
+def _future(length: int, groups: int, device: torch.device) -> Tensor:
+    """(groups·L, L) bool, True above the diagonal of each of the ``groups`` stacked (L, L) blocks (the positions
+    a query must not see); cached per size."""
+    key = (length, groups, str(device))
     if key not in _FUTURE:
-        _FUTURE[key] = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)
+        _FUTURE[key] = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1).repeat(groups, 1)
     return _FUTURE[key]
-
-
-def _expand(x: Tensor, heads: int) -> Tensor:
-    """(S, h_kv, L, d) → (S, heads, L, d): each key/value head serves heads / h_kv query heads."""
-    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
-
-
-def _reduce(grad: Tensor, heads: int) -> Tensor:
-    """(S, h, L, d) → (S, heads, L, d): sum the gradients of the query heads that shared a key/value head."""
-    S, h, L, d = grad.shape
-    return grad if h == heads else grad.view(S, heads, h // heads, L, d).sum(2)
 
 
 def varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
