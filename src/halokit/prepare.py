@@ -226,7 +226,7 @@ def collate_options(cfg: Config, model: torch.nn.Module) -> dict:
     if is_varlen(model):  # attention costs Σ L_s² whatever the row: one row per micro-batch
         return {"pad_id": int(pad_id), "packing": cfg.train.packing, "row_tokens": ONE_ROW, "attention_cost": None,
                 "bucket": compiles_per_shape(next(model.parameters()).device, getattr(torch, cfg.model.dtype)),
-                "reuse_prompts": cfg.train.packing}  # KTO's KL pass reuses the prompts' keys and values
+                "reuse_prompts": cfg.train.packing}  # KL pairs and rejected sequences reuse their prompt
     return {"pad_id": int(pad_id), "packing": cfg.train.packing,  # attention costs width² per row: rows are
             "row_tokens": cfg.data.max_length,  # no wider than a sequence may be, narrower when that is cheaper
             "attention_cost": attention_cost(model.config)}
