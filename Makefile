@@ -10,6 +10,12 @@ comma := ,
 STAMP := $(VENV)/.halokit-installed-$(subst $(comma),-,$(EXTRAS))
 # pip prints a warning for every missing local index folder on some machines; keep the output readable.
 PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+# pip byte-compiles every module it installs (torch, transformers, sympy, ...): ~2 of the 3.5 install minutes on
+# a slow 2-core machine, for ~15,000 files of which a run imports ~2,500. --no-compile leaves that to the first
+# import, which writes each module's .pyc once (~14 s), so bytecode writing must be on where the environment
+# turns it off.
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check --no-compile
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install demo test test-studies bench lint clean
 
@@ -21,10 +27,10 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 		echo "halokit: keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-		$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]" 2>&1 | $(PIP_QUIET); \
+		$(PIP_INSTALL) -e ".[$(EXTRAS)]" 2>&1 | $(PIP_QUIET); \
 	else \
 		echo "halokit: installing torch (constraints.txt) and halokit[$(EXTRAS)] into $(VENV)"; \
-		$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]" 2>&1 | $(PIP_QUIET); \
+		$(PIP_INSTALL) -c constraints.txt -e ".[$(EXTRAS)]" 2>&1 | $(PIP_QUIET); \
 	fi
 	@$(PY) -c "import halokit, torch; print(f'halokit {halokit.__version__} with torch {torch.__version__}')"
 	@rm -f $(VENV)/.halokit-installed-*; touch $@

@@ -56,6 +56,20 @@ def test_bad_study_arguments_exit_2_in_one_line(argv, message, capsys, tmp_path)
     assert not (tmp_path / "o").exists()  # nothing written before the arguments are checked
 
 
+def test_data_commands_and_config_errors_do_not_import_torch(tmp_path):
+    """`halokit data ...` and a config error answer at once: neither imports torch (~3 s of a 3.5 s command on
+    a slow machine), so the method table names its loss functions instead of importing them."""
+    data = feedback_file(tmp_path / "fb.jsonl")
+    script = (
+        "import sys\nfrom halokit.cli import main\n"
+        f"codes = [main(['data', 'validate', {str(data)!r}]), main(['data', 'inspect', {str(data)!r}]),\n"
+        f"         main(['train', {str(tmp_path / 'missing.yaml')!r}])]\n"
+        "print(codes, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.splitlines()[-1] == "[0, 0, 2] False", proc.stdout + proc.stderr
+
+
 def test_broken_line_7_exits_2_naming_the_line(tmp_path):
     data = feedback_file(tmp_path / "fb.jsonl", broken_line=7)
     code, out, err = run_cli("data", "validate", data)

@@ -6,25 +6,14 @@ its pure loss function in :mod:`halokit.losses`, and its formula.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from enum import Enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from halokit.losses import (
-    LossOutput,
-    apo_zero_unpaired_loss,
-    dpo_loss,
-    ga_loss,
-    ipo_loss,
-    kto_loss,
-    npo_loss,
-    orpo_loss,
-    sft_loss,
-    simnpo_loss,
-    simpo_loss,
-    slic_loss,
-)
+if TYPE_CHECKING:
+    from halokit.losses import LossOutput
 
 # ---------------------------------------------------------------- KTO's λ from the data
 
@@ -112,7 +101,9 @@ class Method(str, Enum):
 
     @property
     def loss_fn(self) -> Callable[..., LossOutput]:
-        return _METHODS[self][1]
+        """The pure loss function in :mod:`halokit.losses` (imported here, so that configs and the data
+        commands do not import torch)."""
+        return getattr(importlib.import_module("halokit.losses"), _METHODS[self][1])
 
     @property
     def formula(self) -> str:
@@ -151,27 +142,28 @@ class Method(str, Enum):
         return self in _USES_AVG_LOGPS
 
 
-# The one dispatch table: method -> (family, loss function, formula). In the formulas r = log π/π_ref,
-# h = log π_w/π_ref,w − log π_l/π_ref,l, ā = mean token log-prob, z₀ = KTO's reference point.
-_METHODS: dict[Method, tuple[str, Callable[..., LossOutput], str]] = {
-    Method.SFT: ("sft", sft_loss, "−log π(y|x)"),
-    Method.CSFT: ("sft", sft_loss, "−log π(y|x) on desirable examples only"),
-    Method.KTO: ("unpaired", kto_loss, "desirable λ_D(1−σ(β(r−z₀))), undesirable λ_U(1−σ(β(z₀−r)))"),
-    Method.APO_ZERO_UNPAIRED: ("unpaired", apo_zero_unpaired_loss, "desirable 1−σ(β·r), undesirable σ(β·r)"),
-    Method.DPO: ("paired", dpo_loss, "−log σ(β·h)"),
-    Method.CDPO: ("paired", dpo_loss, "−(1−ε)·log σ(β·h) − ε·log σ(−β·h)"),
-    Method.IPO: ("paired", ipo_loss, "(h − 1/(2β))²"),
-    Method.SLIC: ("paired", slic_loss, "max(0, δ − (log π_w − log π_l)) + λ·nll_w"),
-    Method.SIMPO: ("paired", simpo_loss, "−log σ(β·(ā_w − ā_l) − γ)"),
-    Method.ORPO: ("paired", orpo_loss, "nll_w − λ·log σ(log odds_w − log odds_l), log odds = ā − log(1−e^ā)"),
-    Method.GA: ("unlearning", ga_loss, "+log π(y|x) on forget"),
-    Method.GD: ("unlearning", ga_loss, "+log π(y|x) on forget + nll on retain"),
-    Method.NPO: ("unlearning", npo_loss, "−(2/β)·log σ(−β·r) on forget"),
-    Method.NPO_RT: ("unlearning", npo_loss, "−(2/β)·log σ(−β·r) on forget + w·nll on retain"),
-    Method.SIMNPO: ("unlearning", simnpo_loss, "−(2/β)·log σ(−β·ā − γ) on forget + w·nll on retain"),
+# The one dispatch table: method -> (family, name of its loss function in halokit.losses, formula). In the
+# formulas r = log π/π_ref, h = log π_w/π_ref,w − log π_l/π_ref,l, ā = mean token log-prob, z₀ = KTO's
+# reference point.
+_METHODS: dict[Method, tuple[str, str, str]] = {
+    Method.SFT: ("sft", "sft_loss", "−log π(y|x)"),
+    Method.CSFT: ("sft", "sft_loss", "−log π(y|x) on desirable examples only"),
+    Method.KTO: ("unpaired", "kto_loss", "desirable λ_D(1−σ(β(r−z₀))), undesirable λ_U(1−σ(β(z₀−r)))"),
+    Method.APO_ZERO_UNPAIRED: ("unpaired", "apo_zero_unpaired_loss", "desirable 1−σ(β·r), undesirable σ(β·r)"),
+    Method.DPO: ("paired", "dpo_loss", "−log σ(β·h)"),
+    Method.CDPO: ("paired", "dpo_loss", "−(1−ε)·log σ(β·h) − ε·log σ(−β·h)"),
+    Method.IPO: ("paired", "ipo_loss", "(h − 1/(2β))²"),
+    Method.SLIC: ("paired", "slic_loss", "max(0, δ − (log π_w − log π_l)) + λ·nll_w"),
+    Method.SIMPO: ("paired", "simpo_loss", "−log σ(β·(ā_w − ā_l) − γ)"),
+    Method.ORPO: ("paired", "orpo_loss", "nll_w − λ·log σ(log odds_w − log odds_l), log odds = ā − log(1−e^ā)"),
+    Method.GA: ("unlearning", "ga_loss", "+log π(y|x) on forget"),
+    Method.GD: ("unlearning", "ga_loss", "+log π(y|x) on forget + nll on retain"),
+    Method.NPO: ("unlearning", "npo_loss", "−(2/β)·log σ(−β·r) on forget"),
+    Method.NPO_RT: ("unlearning", "npo_loss", "−(2/β)·log σ(−β·r) on forget + w·nll on retain"),
+    Method.SIMNPO: ("unlearning", "simnpo_loss", "−(2/β)·log σ(−β·ā − γ) on forget + w·nll on retain"),
     Method.IDK_DPO: (
         "paired",
-        dpo_loss,
+        "dpo_loss",
         "−log σ(β·h), chosen = “I don't know”, rejected = the forget answer",
     ),
 }
