@@ -30,7 +30,7 @@ from halokit.methods import Method
 from halokit.models import autocast_context, load_policy, save_model
 from halokit.precision import MasterWeights, dtype_note
 from halokit.prepare import Prepared, Split, build_references, collate_options, prepare_data
-from halokit.progress import make_progress
+from halokit.progress import TrainingProgress
 from halokit.run import RunData
 from halokit.steps import make_step
 
@@ -130,14 +130,13 @@ def _train(cfg: Config, run: RunData, on_step: StepHook | None = None) -> Path:
         last_good = latest_checkpoint(run_dir)
 
         window, tokens, started = {}, 0, time.perf_counter()
-        bar = make_progress(console)
-        task = bar.add_task(f"{method.value}", total=total, completed=pos.step, info="")
+        progress = TrainingProgress(console, method.value, total, completed=pos.step)
         def hook() -> None:
             row = on_step(pos.step, model) if on_step is not None and main else None
             if row:
                 log({"step": pos.step, **row})
 
-        with bar if main else nullcontext():
+        with progress if main else nullcontext():
             if pos.step == 0:
                 hook()
             while pos.step < total:
@@ -187,7 +186,7 @@ def _train(cfg: Config, run: RunData, on_step: StepHook | None = None) -> Path:
                                lr=scheduler.get_last_lr()[0],
                                tokens_per_s=tokens * accelerator.num_processes / max(elapsed, 1e-9))
                     log(row)
-                    bar.update(task, info=_brief(row))
+                    progress.update(pos.step, _brief(row))
                     window, tokens, started = {}, 0, time.perf_counter()
                 if prepared.eval and (pos.step == total or (t.eval_every and pos.step % t.eval_every == 0)):
                     row = evaluate(policy, prepared, step_fn, accelerator, opts, autocast, with_kl=method.needs_kl_pairs)
@@ -197,7 +196,7 @@ def _train(cfg: Config, run: RunData, on_step: StepHook | None = None) -> Path:
                 hook()
                 if pos.step == total or (t.save_every and pos.step % t.save_every == 0):
                     last_good = _save(run_dir, model, optimizer, scheduler, pos, cfg, accelerator, master)
-                bar.update(task, completed=pos.step)
+                progress.advance(pos.step)
         metrics_file.close()
         if t.trackers:
             accelerator.end_training()
