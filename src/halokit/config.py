@@ -8,7 +8,7 @@ what is allowed, e.g. ``train.lr: expected a positive float, got "fast"``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,16 @@ class LoraSettings:
     target_modules: list[str] = _opt(doc="module names to adapt, or ['all-linear']",
                                      factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     merge: bool = _opt(False, "merge the adapters into the weights when saving the final model")
+
+    def __post_init__(self) -> None:
+        if self.r:
+            return
+        for f in fields(self):  # a LoRA setting next to r = 0 would be ignored while every weight trains
+            default = f.default_factory() if f.default is MISSING else f.default
+            if f.name != "r" and getattr(self, f.name) != default:
+                raise ConfigError(f"model.lora.{f.name}: set to {getattr(self, f.name)!r}, but model.lora.r is 0, "
+                                  f"which turns LoRA off and trains every weight; set model.lora.r (e.g. 8) to "
+                                  f"train adapters")
 
 
 @dataclass
