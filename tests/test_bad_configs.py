@@ -46,8 +46,6 @@ def train(capsys, method, run_dir, *overrides):
     # regression: torch.manual_seed raised "Overflow when unpacking long long"
     ("kto", ["train.seed=4294967296"], "train.seed: expected an integer in [0, 2**32), got 4294967296"),
     ("kto", ["train.seed=-1"], "train.seed: expected an integer in [0, 2**32), got -1"),
-    ("kto", ["model.lora.target_modules=[q_proj]"], "model.lora.target_modules: set to ['q_proj'], but "
-                                                    "model.lora.r is 0, which turns LoRA off"),
     ("kto", ["train.micro_batch_size=1"], "train.micro_batch_size: kto pairs each prompt with another example's "
                                           "completion inside a micro-batch, so it needs at least 2, got 1"),
     ("kto", ["data.train=null"], "data.train: kto needs training data; set data.train to a file"),

@@ -112,6 +112,19 @@ def test_train_skips_bad_rows_into_run_dir(tmp_path, capsys):
     assert (run_dir / "model" / "config.json").is_file()
 
 
+def test_lora_settings_without_a_rank_are_named(tmp_path, capsys):
+    """model.lora.r = 0 turns LoRA off: LoRA settings next to it do nothing, and the run says so up front."""
+    base = ["train", str(ROOT / "recipes/tiny-kto.yaml"), "train.max_steps=1"]
+    assert main([*base, "model.lora.target_modules=[q_proj]", "model.lora.alpha=32", f"output_dir={tmp_path / 'a'}"]) == 0
+    out = capsys.readouterr().out
+    assert ("model.lora.alpha, model.lora.target_modules: no effect, model.lora.r is 0 (LoRA off, every weight "
+            "trains)") in out
+    assert not (tmp_path / "a/model/adapter_config.json").exists()
+    assert main([*base, "model.lora.r=4", "model.lora.target_modules=[q_proj]", f"output_dir={tmp_path / 'b'}"]) == 0
+    assert "no effect" not in capsys.readouterr().out
+    assert (tmp_path / "b/model/adapter_config.json").is_file()
+
+
 def test_train_unpairs_preferences_for_kto(tmp_path, capsys):
     assert main(["train", str(ROOT / "recipes/tiny-kto.yaml"), f"data.train={ROOT / 'recipes/data/preference.jsonl'}",
                  f"output_dir={tmp_path}", "train.max_steps=1"]) == 0

@@ -35,7 +35,7 @@ def test_defaults_and_overrides_are_typed():
 def test_comma_list_and_yaml_file(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("method: dpo\nmodel: {tiny: {hidden_size: 32}}\ndata: {train: d.jsonl}\ndpo: {beta: 0.3}\n")
-    cfg = load_config(p, ["model.lora.r=4", "model.lora.target_modules=q_proj,k_proj"])
+    cfg = load_config(p, ["model.lora.target_modules=q_proj,k_proj"])
     assert cfg.method == "dpo" and cfg.dpo.beta == 0.3 and cfg.model.tiny == {"hidden_size": 32}
     assert cfg.model.lora.target_modules == ["q_proj", "k_proj"]
 

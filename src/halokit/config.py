@@ -40,15 +40,12 @@ class LoraSettings:
                                      factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     merge: bool = _opt(False, "merge the adapters into the weights when saving the final model")
 
-    def __post_init__(self) -> None:
+    def ignored(self) -> list[str]:
+        """The LoRA settings that differ from their defaults while ``r = 0`` turns LoRA off (they do nothing)."""
         if self.r:
-            return
-        for f in fields(self):  # a LoRA setting next to r = 0 would be ignored while every weight trains
-            default = f.default_factory() if f.default is MISSING else f.default
-            if f.name != "r" and getattr(self, f.name) != default:
-                raise ConfigError(f"model.lora.{f.name}: set to {getattr(self, f.name)!r}, but model.lora.r is 0, "
-                                  f"which turns LoRA off and trains every weight; set model.lora.r (e.g. 8) to "
-                                  f"train adapters")
+            return []
+        return [f.name for f in fields(self) if f.name != "r"
+                and getattr(self, f.name) != (f.default_factory() if f.default is MISSING else f.default)]
 
 
 @dataclass

@@ -79,6 +79,10 @@ def prepare_run(cfg: Config) -> RunData:
     if method is Method.KTO and cfg.kto.desirable_weight is None and cfg.kto.undesirable_weight is None:
         _check_both_labels(cfg.data.train, run.splits["train"])
     _check_cache_dir(cfg, method)
+    if ignored := cfg.model.lora.ignored():
+        keys = ", ".join(f"model.lora.{name}" for name in ignored)
+        run.notes.append(f"{keys}: no effect, model.lora.r is 0 (LoRA off, every weight trains); set model.lora.r "
+                         f"(e.g. 8) to train adapters")
     return run
 
 
