@@ -125,6 +125,21 @@ def test_lora_settings_without_a_rank_are_named(tmp_path, capsys):
     assert (tmp_path / "b/model/adapter_config.json").is_file()
 
 
+def test_eval_renders_prompts_as_the_run_was_trained(tmp_path, capsys):
+    """`halokit eval --model RUN/model` reads data.chat_template from RUN/config.yaml; --chat-template wins."""
+    run = tmp_path / "run"
+    assert main(["train", str(ROOT / "recipes/tiny-sft.yaml"), "train.max_steps=1", "data.chat_template=always",
+                 f"output_dir={run}"]) == 0
+    capsys.readouterr()
+    args = ["eval", "--model", str(run / "model"), "--prompts", str(ROOT / "recipes/data/feedback.jsonl"),
+            "--judge", "demo", "--limit", "2", "--samples", "1"]
+    assert main(args) == 0
+    assert f"prompts rendered with data.chat_template=always, as in training ({run / 'config.yaml'})" in \
+        capsys.readouterr().out
+    assert main([*args, "--chat-template", "auto"]) == 0
+    assert "prompts rendered" not in capsys.readouterr().out
+
+
 def test_train_unpairs_preferences_for_kto(tmp_path, capsys):
     assert main(["train", str(ROOT / "recipes/tiny-kto.yaml"), f"data.train={ROOT / 'recipes/data/preference.jsonl'}",
                  f"output_dir={tmp_path}", "train.max_steps=1"]) == 0

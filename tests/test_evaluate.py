@@ -23,6 +23,23 @@ def test_generate_is_seeded_and_greedy_is_stable(model, byte_tok):
     assert g1 == g2  # left padding does not change greedy answers
 
 
+def test_string_prompts_are_rendered_with_the_training_chat_template(model, byte_tok, monkeypatch):
+    """A model trained with data.chat_template=always saw string prompts as one user message: generation
+    must render them the same way (auto leaves strings plain)."""
+    seen = []
+
+    def fake_generate(input_ids, attention_mask, **kwargs):
+        seen.append(byte_tok.decode(input_ids[0][attention_mask[0].bool()]))
+        return input_ids
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    generate(model, byte_tok, ["plain prompt"], chat_template="always")
+    generate(model, byte_tok, ["plain prompt"])
+    templated = byte_tok.apply_chat_template([{"role": "user", "content": "plain prompt"}],
+                                             add_generation_prompt=True, tokenize=False)
+    assert seen[0] == templated and seen[1].endswith("plain prompt") and templated not in seen[1]
+
+
 def test_kl_of_a_model_with_itself_is_zero_and_positive_otherwise(model, byte_tok):
     responses = [r[0] for r in generate(model, byte_tok, PROMPTS, temperature=1.0, max_new_tokens=8, seed=1)]
     assert sequence_kl(model, model, byte_tok, PROMPTS, responses) == pytest.approx(0.0, abs=1e-6)

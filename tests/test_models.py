@@ -204,6 +204,27 @@ def test_gguf_loads_as_a_plain_trainable_model(tiny_gguf, tmp_path, tokenizer, t
     assert torch.equal(logits(load_model(out), tokens), logits(model, tokens))
 
 
+def test_a_gguf_file_is_parsed_once_per_load(tiny_gguf, monkeypatch, tokens):
+    """transformers opens the file for the config and again for the weights (and the tokenizer), halokit once
+    to check it: one parse serves all of them inside a load, none is kept after it."""
+    import gguf
+
+    original, path = tiny_gguf
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    model = load_model(path)
+    assert len(parsed) == 1 and gguf.GGUFReader is CountingReader
+    torch.testing.assert_close(logits(model, tokens), logits(original, tokens), rtol=0, atol=1e-5)
+    load_model(path)
+    assert len(parsed) == 2
+
+
 @pytest.mark.parametrize("keep", [0.999, 0.5, 0.01])
 def test_truncated_gguf_is_a_user_error(tiny_gguf, keep):
     _, path = tiny_gguf

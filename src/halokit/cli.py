@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from halokit import __version__
 from halokit.cli_data import cmd_data_convert, cmd_data_inspect, cmd_data_validate
 from halokit.errors import EXIT_USER_ERROR, UserError
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "rows, set = forget, retain or any other name (scored like TOFU's world facts)")
     ev.add_argument("--retain-model", help="with --unlearning: the model trained without the forget set, for "
                                            "forget quality")
+    ev.add_argument("--chat-template", choices=["auto", "always", "never"],
+                    help="how prompts are rendered, as data.chat_template in training (default: the setting in "
+                         "the config.yaml of the run that saved --model, else auto)")
     ev.set_defaults(handler=cmd_eval, command="eval")
 
     report = sub.add_parser("report", parents=[common], help="plots and a report from a run directory")
@@ -227,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model), load_tokenizer(args.model)
     reference = load_model(args.reference) if args.reference else None
     metrics = evaluate_model(model, tok, prompts, judge, reference=reference, num_samples=args.samples,
-                             kinds=kinds)
+                             kinds=kinds, chat_template=_eval_chat_template(args))
     g, sm = metrics["desirable_greedy"], metrics["desirable_sampled"]
     print(f"{args.model}: {len(prompts)} prompts; desirable greedy {100 * g['mean']:.1f} % "
           f"[{100 * g['ci'][0]:.1f}, {100 * g['ci'][1]:.1f}], sampled {100 * sm['mean']:.1f} %, "
@@ -240,6 +245,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_chat_template(args: argparse.Namespace) -> str:
+    """``--chat-template``, else ``data.chat_template`` of the run that saved ``--model`` (its config.yaml next
+    to the model folder), else auto: a model is evaluated on prompts rendered the way it was trained."""
+    if args.chat_template:
+        return args.chat_template
+    config = Path(args.model).parent / "config.yaml"
+    try:
+        mode = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("chat_template")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "auto"
+    if mode in ("always", "never"):
+        print(f"prompts rendered with data.chat_template={mode}, as in training ({config})")
+        return mode
+    return "auto"
+
+
 def _eval_unlearning(args: argparse.Namespace) -> int:
     from halokit.models import load_model, load_tokenizer
     from halokit.unlearn_metrics import evaluate_file, read_eval_file
@@ -249,7 +270,7 @@ def _eval_unlearning(args: argparse.Namespace) -> int:
     retain_model = None
     if args.retain_model:
         retain_model = (load_model(args.retain_model), load_tokenizer(args.retain_model))
-    metrics = evaluate_file(items, model, tok, retain_model=retain_model)
+    metrics = evaluate_file(items, model, tok, retain_model=retain_model, chat_template=_eval_chat_template(args))
     for name, part in metrics["sets"].items():
         print(f"{name}: {part['n']} questions; probability {part['probability']:.4f}, ROUGE-L recall "
               f"{part['rouge_l']:.4f}, truth ratio {part['truth_ratio']:.4f}")

@@ -15,7 +15,7 @@ import torch
 
 from halokit.data.collate import layout
 from halokit.data.examples import Text
-from halokit.data.tokenize import encode_many, render
+from halokit.data.tokenize import TokenizeSettings, encode_many, render
 from halokit.errors import UserError
 from halokit.logprobs import LogpsModel
 
@@ -50,17 +50,18 @@ def prompt_text(prompt: Text) -> str:
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Text], *, num_samples: int = 1,
              temperature: float = 0.0, max_new_tokens: int = 32, batch_size: int = 64, seed: int = 0,
-             progress: Callable[[int], None] = lambda n: None) -> list[list[str]]:
+             chat_template: str = "auto", progress: Callable[[int], None] = lambda n: None) -> list[list[str]]:
     """Responses to each prompt: ``num_samples`` per prompt, greedy when ``temperature == 0``.
 
-    Prompts are rendered exactly as in training (chat template for messages); batches are left-padded.
+    Prompts are rendered exactly as in training with ``chat_template`` (``data.chat_template``: auto, the
+    template for message lists only; always; never); batches are left-padded.
     Returns ``out[i][k]``, the k-th response to prompt i, decoded without special tokens. Seeded.
     """
     was_training = model.training
     model.eval()
     rendered = []
     for p in prompts:
-        text, _, templated = render(tokenizer, p, "x", "auto")
+        text, _, templated = render(tokenizer, p, "x", chat_template)
         ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
         rendered += [ids] * num_samples
     device = next(model.parameters()).device
@@ -89,10 +90,10 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Text], *, num_samples
 
 @torch.no_grad()
 def sequence_kl(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[Text],
-                responses: Sequence[str], *, batch_size: int = 64) -> float:
+                responses: Sequence[str], *, batch_size: int = 64, chat_template: str = "auto") -> float:
     """Monte-Carlo KL(π ‖ π_ref) per sequence: mean over responses y ~ π(·|x) of
     log π(y|x) − log π_ref(y|x) (responses must be samples of ``policy``)."""
-    encoded = encode_many(tokenizer, list(zip(prompts, responses)))
+    encoded = encode_many(tokenizer, list(zip(prompts, responses)), TokenizeSettings(chat_template=chat_template))
     pairs = [(e.prompt_ids, e.completion_ids) for e in encoded]
     pad = tokenizer.pad_token_id
     total = 0.0
@@ -106,15 +107,18 @@ def sequence_kl(policy: Any, reference: Any, tokenizer: Any, prompts: Sequence[T
 
 def evaluate_model(model: Any, tokenizer: Any, prompts: Sequence[Text], judge: Judge, *,
                    reference: Any = None, num_samples: int = 4, temperature: float = 1.0,
-                   max_new_tokens: int = 32, seed: int = 0, kinds: Sequence[str] | None = None) -> dict:
+                   max_new_tokens: int = 32, seed: int = 0, kinds: Sequence[str] | None = None,
+                   chat_template: str = "auto") -> dict:
     """Greedy and sampled desirable rates with 95 % bootstrap CIs over prompts, mean judge score,
     KL to ``reference`` (on the sampled responses; None without a reference), mean response length
-    in characters, and the greedy rate per kind when ``kinds`` (one per prompt) is given."""
+    in characters, and the greedy rate per kind when ``kinds`` (one per prompt) is given. Prompts are
+    rendered with ``chat_template`` as in training (:func:`generate`)."""
     from halokit.report import bootstrap_ci
 
-    greedy = [r[0] for r in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)]
+    greedy = [r[0] for r in generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed,
+                                     chat_template=chat_template)]
     sampled = generate(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
-                       max_new_tokens=max_new_tokens, seed=seed + 1)
+                       max_new_tokens=max_new_tokens, seed=seed + 1, chat_template=chat_template)
     texts = [prompt_text(p) for p in prompts]
     greedy_scores = [float(judge(t, r)) for t, r in zip(texts, greedy)]
     sampled_scores = [float(judge(t, r)) for t, rs in zip(texts, sampled) for r in rs]
@@ -126,7 +130,8 @@ def evaluate_model(model: Any, tokenizer: Any, prompts: Sequence[Text], judge: J
     s_mean, s_lo, s_hi = bootstrap_ci(per_prompt, seed=seed)
     flat_prompts = [p for p in prompts for _ in range(num_samples)]
     flat_sampled = [r for rs in sampled for r in rs]
-    kl = None if reference is None else sequence_kl(model, reference, tokenizer, flat_prompts, flat_sampled)
+    kl = None if reference is None else sequence_kl(model, reference, tokenizer, flat_prompts, flat_sampled,
+                                                    chat_template=chat_template)
     out = {
         "desirable_greedy": {"mean": g_mean, "ci": [g_lo, g_hi]},
         "desirable_sampled": {"mean": s_mean, "ci": [s_lo, s_hi]},

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import re
@@ -97,6 +98,47 @@ def _llama_config_keys() -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------- load
+_gguf_readers: dict | None = None  # while gguf_parsed_once() is active: (path, mode, size, mtime) -> GGUFReader
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within this block a GGUF file is parsed once, however often transformers opens it.
+
+    Loading a model and its tokenizer from one GGUF file makes transformers build a ``gguf.GGUFReader`` three
+    times (config, weights, tokenizer) — each parses every metadata field, ~50k vocabulary strings one numpy
+    view at a time, ~10 s for SmolLM2-135M on a slow core — and rebuild gguf's tensor-name table for every
+    module of the model (~400 times). Both are pure functions of their arguments (the reader of an unchanged
+    file, the table of an architecture and a layer count), so inside the block they are cached: SmolLM2-135M
+    from GGUF loads in ~30 s instead of ~90 s here. Nested blocks share the outer cache; the ``gguf`` module
+    is restored on exit. Without the gguf package this does nothing.
+    """
+    global _gguf_readers
+    try:
+        import gguf
+    except ImportError:
+        gguf = None
+    if gguf is None or _gguf_readers is not None:
+        yield
+        return
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    _gguf_readers = {}
+
+    def reader(path, mode="r"):
+        stat = os.stat(path)
+        key = (os.fspath(path), mode, stat.st_size, stat.st_mtime_ns)
+        if key not in _gguf_readers:
+            _gguf_readers[key] = reader_cls(path, mode)
+        return _gguf_readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+        _gguf_readers = None
+
+
 def load_model(path: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "float32",
                attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM with float32 weights from a local directory, a Hub id, or a GGUF file.
@@ -108,7 +150,12 @@ def load_model(path: str | os.PathLike, *, gguf_file: str | None = None, dtype: 
     float32 either way: bfloat16 is applied at compute time by :func:`autocast_context`.
     """
     _check_dtype(dtype)
-    name = str(path)
+    with gguf_parsed_once():
+        return _load_model(str(path), gguf_file, attn_implementation, trust_remote_code, dtype)
+
+
+def _load_model(name: str, gguf_file: str | None, attn_implementation: str, trust_remote_code: bool,
+                dtype: str) -> PreTrainedModel:
     if name.endswith(".gguf") and gguf_file is None:
         file = Path(name).expanduser()
         name, gguf_file = str(file.parent), file.name
@@ -239,11 +286,12 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
         model = build_tiny_model(settings.tiny, vocab_size=vocab_size or len(tokenizer), seed=seed,
                                  attn_implementation=attn)
     else:
-        model = load_model(settings.path, gguf_file=settings.gguf_file, dtype=settings.dtype,
-                           attn_implementation=attn, trust_remote_code=settings.trust_remote_code)
-        tokenizer = load_tokenizer(settings.tokenizer or settings.path,
-                                   gguf_file=None if settings.tokenizer else settings.gguf_file,
-                                   trust_remote_code=settings.trust_remote_code)
+        with gguf_parsed_once():  # a GGUF file holds both: parse it once
+            model = load_model(settings.path, gguf_file=settings.gguf_file, dtype=settings.dtype,
+                               attn_implementation=attn, trust_remote_code=settings.trust_remote_code)
+            tokenizer = load_tokenizer(settings.tokenizer or settings.path,
+                                       gguf_file=None if settings.tokenizer else settings.gguf_file,
+                                       trust_remote_code=settings.trust_remote_code)
     _ensure_pad_token(tokenizer, model, settings.tokenizer or settings.path or "byte")
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
@@ -296,8 +344,9 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, trust_rem
     if _is_local(name_or_path) and not Path(name_or_path).exists():
         raise UserError(f"{name_or_path}: tokenizer path not found")
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file,
-                                             trust_remote_code=trust_remote_code)
+        with gguf_parsed_once():
+            return AutoTokenizer.from_pretrained(name_or_path, gguf_file=gguf_file,
+                                                 trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"{name_or_path}: cannot load a tokenizer ({_first_line(err)})") from err
 

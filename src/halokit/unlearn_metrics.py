@@ -33,7 +33,7 @@ from scipy.special import logsumexp
 from scipy.stats import ks_2samp
 
 from halokit.data.collate import layout
-from halokit.data.tokenize import encode_many
+from halokit.data.tokenize import TokenizeSettings, encode_many
 from halokit.logprobs import LogpsModel
 
 KINDS = ("forget", "retain", "options")
@@ -73,7 +73,7 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
 
 @torch.no_grad()
 def answer_losses(model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *,
-                  batch_size: int = 128) -> np.ndarray:
+                  batch_size: int = 128, chat_template: str = "auto") -> np.ndarray:
     """(N,) float64 L(answer_i | prompt_i) = −(1/|y_i|) Σ_t log p(y_it | x_i, y_i,<t).
 
     No gradients; the model runs in eval mode and gets its training flag back. Pairs are sorted by
@@ -83,7 +83,7 @@ def answer_losses(model: Any, tokenizer: Any, prompts: Sequence[str], answers: S
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    encoded = encode_many(tokenizer, list(zip(prompts, answers)))
+    encoded = encode_many(tokenizer, list(zip(prompts, answers)), TokenizeSettings(chat_template=chat_template))
     pairs = [(e.prompt_ids, e.completion_ids) for e in encoded]
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     losses = np.empty(len(pairs), dtype=np.float64)
@@ -102,8 +102,8 @@ def answer_losses(model: Any, tokenizer: Any, prompts: Sequence[str], answers: S
     return losses
 
 
-def score_items(model: Any, tokenizer: Any, items: Sequence[QALike], *, batch_size: int = 128
-                ) -> dict[str, np.ndarray]:
+def score_items(model: Any, tokenizer: Any, items: Sequence[QALike], *, batch_size: int = 128,
+                chat_template: str = "auto") -> dict[str, np.ndarray]:
     """Losses L of every item's answers: ``{"answer": (N,), "paraphrased": (N,), "perturbed": (N, K)}``.
 
     All N·(2 + K) (question, answer) pairs are scored in one `answer_losses` call (one length-sorted pass)
@@ -116,7 +116,8 @@ def score_items(model: Any, tokenizer: Any, items: Sequence[QALike], *, batch_si
         raise ValueError(f"every item needs the same number (≥ 1) of perturbed answers; the first has {k}")
     prompts = [it.question for it in items for _ in range(2 + k)]
     answers = [a for it in items for a in (it.answer, it.paraphrased, *it.perturbed)]
-    flat = answer_losses(model, tokenizer, prompts, answers, batch_size=batch_size).reshape(len(items), 2 + k)
+    flat = answer_losses(model, tokenizer, prompts, answers, batch_size=batch_size,
+                         chat_template=chat_template).reshape(len(items), 2 + k)
     return {"answer": flat[:, 0].copy(), "paraphrased": flat[:, 1].copy(), "perturbed": flat[:, 2:].copy()}
 
 
@@ -173,22 +174,23 @@ def model_utility(values: Sequence[float]) -> float:
 
 
 def evaluate_set(model: Any, tokenizer: Any, items: Sequence[QALike], *, kind: str, greedy: bool = True,
-                 max_new_tokens: int = 48, batch_size: int = 128) -> dict:
-    """All metrics of one set. ``kind``: ``forget``, ``retain`` or ``options`` (famous and world sets).
+                 max_new_tokens: int = 48, batch_size: int = 128, chat_template: str = "auto") -> dict:
+    """All metrics of one set. ``kind``: ``forget``, ``retain`` or ``options`` (famous and world sets);
+    questions are rendered with ``chat_template`` as in training (``data.chat_template``).
 
     Returns ``{"probability": float, "truth_ratio": float (the set score), "rouge_l": float, or None when
     not ``greedy``, "ratios": [R_i] (N,), "n": N}``. ROUGE-L scores the greedy answer to each question.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    scores = score_items(model, tokenizer, items, batch_size=batch_size)
+    scores = score_items(model, tokenizer, items, batch_size=batch_size, chat_template=chat_template)
     ratios = truth_ratios(scores)
     rouge = None
     if greedy:
         from halokit.evaluate import generate
 
         out = generate(model, tokenizer, [it.question for it in items], max_new_tokens=max_new_tokens,
-                       batch_size=batch_size)
+                       batch_size=batch_size, chat_template=chat_template)
         rouge = float(np.mean([rouge_l_recall(o[0], it.answer) for o, it in zip(out, items)]))
     return {"probability": probability(scores, options=kind == "options"),
             "truth_ratio": truth_ratio_score(ratios, forget=kind == "forget"),
@@ -262,7 +264,8 @@ def read_eval_file(path: str) -> list[EvalItem]:
 
 
 def evaluate_file(items: Sequence[EvalItem], model: Any, tokenizer: Any, *,
-                  retain_model: tuple[Any, Any] | None = None, max_new_tokens: int = 48) -> dict:
+                  retain_model: tuple[Any, Any] | None = None, max_new_tokens: int = 48,
+                  chat_template: str = "auto") -> dict:
     """TOFU's metrics of ``model`` on the rows of a user's evaluation file (as `read_eval_file` returns them).
 
     Returns ``{"sets": {name: evaluate_set result}, "model_utility": harmonic mean of the 3 numbers of every
@@ -274,12 +277,14 @@ def evaluate_file(items: Sequence[EvalItem], model: Any, tokenizer: Any, *,
     for name in names:
         members = [it for it in items if it.set == name]
         kind = name if name in ("forget", "retain") else "options"
-        sets[name] = evaluate_set(model, tokenizer, members, kind=kind, max_new_tokens=max_new_tokens)
+        sets[name] = evaluate_set(model, tokenizer, members, kind=kind, max_new_tokens=max_new_tokens,
+                                  chat_template=chat_template)
     others = [s for n, s in sets.items() if n != "forget"]
     utility = model_utility([v for s in others for v in (s["probability"], s["rouge_l"], s["truth_ratio"])]) \
         if others else None
     out = {"sets": sets, "model_utility": utility, "forget_quality": None, "ks_statistic": None}
     if retain_model is not None and "forget" in sets:
-        gold = evaluate_set(*retain_model, [it for it in items if it.set == "forget"], kind="forget", greedy=False)
+        gold = evaluate_set(*retain_model, [it for it in items if it.set == "forget"], kind="forget", greedy=False,
+                            chat_template=chat_template)
         out["forget_quality"], out["ks_statistic"] = forget_quality(sets["forget"]["ratios"], gold["ratios"])
     return out
