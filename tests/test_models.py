@@ -138,6 +138,20 @@ def test_truncated_safetensors_is_a_user_error(tmp_path, tokenizer):
 
 
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="a Hub lookup retries for ~46 s online")
+def test_auto_attention_falls_back_to_eager_where_a_model_has_no_sdpa(tmp_path, tokenizer):
+    """Gemma 2 (attention logit soft-capping) has no SDPA path: auto loads it with the eager attention, an
+    explicit sdpa is refused in one line."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  vocab_size=len(tokenizer), final_logit_softcapping=None)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
+    assert load_model(tmp_path / "gemma2", attn_implementation="auto").config._attn_implementation == "eager"
+    with pytest.raises(UserError, match="scaled_dot_product_attention"):
+        load_model(tmp_path / "gemma2", attn_implementation="sdpa")
+
+
 def test_uncached_hub_id_offline_is_a_user_error():
     with pytest.raises(UserError, match="nobody/no-such-model: .*HF_HUB_OFFLINE"):
         load_model("nobody/no-such-model")

@@ -62,7 +62,8 @@ class ModelSettings:
                                                             "float32 master weights")
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager"] = _opt(
         "auto", "attention kernel: varlen (packed rows attend per sequence, halokit.attention), sdpa or eager; "
-                "auto = varlen where the model allows it, else sdpa")
+                "auto = varlen where the model allows it, else sdpa (eager for an architecture without "
+                "an SDPA path)")
     bf16_weights: bool = _opt(True, "with dtype=bfloat16, full fine-tuning and one process: bf16 weights in the "
                                     "model, float32 master weights in the optimizer (halokit.precision); false: "
                                     "autocast over float32 weights")

@@ -70,7 +70,8 @@ def build_tiny_model(overrides: dict[str, Any] | None = None, *, vocab_size: int
             raise ConfigError(f"model.tiny.{key}: unknown LlamaConfig field{hint}")
     values = {**TINY_DEFAULTS, "vocab_size": vocab_size, **overrides}
     try:  # LlamaConfig checks types and shapes itself (a strict dataclass in transformers 5)
-        config = LlamaConfig(**values, attn_implementation=attn_implementation)
+        config = LlamaConfig(**values, attn_implementation="sdpa" if attn_implementation == "auto"
+                             else attn_implementation)
     except (StrictDataclassError, TypeError, ValueError) as err:
         raise ConfigError(f"model.tiny: {_first_line(err)}") from err
     if config.vocab_size < vocab_size:
@@ -148,6 +149,7 @@ def load_model(path: str | os.PathLike, *, gguf_file: str | None = None, dtype: 
     GGUF weights are dequantized to float32 and the "quantized" flag transformers leaves on them is
     removed, so the model trains and saves like any other. ``dtype`` is checked here but weights stay
     float32 either way: bfloat16 is applied at compute time by :func:`autocast_context`.
+    ``attn_implementation="auto"``: SDPA, or the eager attention for an architecture without an SDPA path.
     """
     _check_dtype(dtype)
     with gguf_parsed_once():
@@ -170,10 +172,18 @@ def _load_model(name: str, gguf_file: str | None, attn_implementation: str, trus
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+
+    def load(attn: str) -> PreTrainedModel:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=attn,
+                                                    trust_remote_code=trust_remote_code, **kwargs)
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                     attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code, **kwargs)
+        try:
+            model = load("sdpa" if attn_implementation == "auto" else attn_implementation)
+        except ValueError as err:  # e.g. Gemma 2 (attention logit soft-capping) has no SDPA path
+            if attn_implementation != "auto" or "scaled_dot_product_attention" not in str(err):
+                raise
+            model = load("eager")
     except (OSError, ValueError, SafetensorError) as err:
         raise UserError(_load_failure(name, gguf_file, local, err)) from err
     quantizer = getattr(model, "hf_quantizer", None)
@@ -280,7 +290,7 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
     model qualifies, gradient checkpointing when asked, and LoRA when ``settings.lora.r > 0``. ``seed`` fixes the
     tiny model's and the LoRA weights' initialisation.
     """
-    attn = "sdpa" if settings.attn_implementation in ("auto", "varlen") else settings.attn_implementation
+    attn = "auto" if settings.attn_implementation in ("auto", "varlen") else settings.attn_implementation
     if settings.tiny is not None:
         tokenizer = load_tokenizer(settings.tokenizer or "byte", trust_remote_code=settings.trust_remote_code)
         model = build_tiny_model(settings.tiny, vocab_size=vocab_size or len(tokenizer), seed=seed,
