@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,8 +121,12 @@ def test_lora_settings_without_a_rank_are_named(tmp_path, capsys):
     assert ("model.lora.alpha, model.lora.target_modules: no effect, model.lora.r is 0 (LoRA off, every weight "
             "trains)") in out
     assert not (tmp_path / "a/model/adapter_config.json").exists()
+    assert re.search(r"^model: tiny \(model\.tiny\), 107k parameters, 107k trainable \(100\.00 %\), loaded in "
+                     r"\d+\.\d s$", out, flags=re.M), out
     assert main([*base, "model.lora.r=4", "model.lora.target_modules=[q_proj]", f"output_dir={tmp_path / 'b'}"]) == 0
-    assert "no effect" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # LoRA r=4 on q_proj (64 -> 64) in 2 layers: 2 × 4 × (64 + 64) = 1,024 adapter weights next to 107k
+    assert "no effect" not in out and "108k parameters, 1.02k trainable (0.95 %)" in out, out
     assert (tmp_path / "b/model/adapter_config.json").is_file()
 
 
