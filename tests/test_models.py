@@ -138,7 +138,7 @@ def test_truncated_safetensors_is_a_user_error(tmp_path, tokenizer):
 
 
 @pytest.mark.skipif(os.environ.get("HF_HUB_OFFLINE") != "1", reason="a Hub lookup retries for ~46 s online")
-def test_auto_attention_falls_back_to_eager_where_a_model_has_no_sdpa(tmp_path, tokenizer):
+def test_gemma2_loads_with_eager_attention_or_is_refused_at_load(tmp_path, tokenizer):
     """Gemma 2 (attention logit soft-capping) has no SDPA path: auto loads it with the eager attention, an
     explicit sdpa is refused in one line."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -150,6 +150,11 @@ def test_auto_attention_falls_back_to_eager_where_a_model_has_no_sdpa(tmp_path, 
     assert load_model(tmp_path / "gemma2", attn_implementation="auto").config._attn_implementation == "eager"
     with pytest.raises(UserError, match="scaled_dot_product_attention"):
         load_model(tmp_path / "gemma2", attn_implementation="sdpa")
+    # the real Gemma 2 soft-caps its logits, which halokit's log-probs do not model: refused at load
+    config.final_logit_softcapping = 30.0
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "capped")
+    with pytest.raises(UserError, match="final_logit_softcapping=30.0"):
+        load_policy(ModelSettings(path=str(tmp_path / "capped"), tokenizer="byte"))
 
 
 def test_uncached_hub_id_offline_is_a_user_error():

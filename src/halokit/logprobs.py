@@ -284,7 +284,7 @@ def sequence_logps(
         )
     # peft: the base model's modules still hold the injected LoRA layers (and honour disable_adapter)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _check_plain_head(causal_lm)
+    check_plain_head(causal_lm)
     extra = {"attention_mask": attention_mask}
     target_idx = None
     if sequence_ids is not None and is_varlen(causal_lm):  # each sequence attends only to itself
@@ -309,7 +309,7 @@ def sequence_logps(
     )
 
 
-def _check_plain_head(causal_lm: nn.Module) -> None:
+def check_plain_head(causal_lm: nn.Module) -> None:
     """Refuse models whose logits are not lm_head(last_hidden_state): the result would be silently wrong."""
     config = getattr(causal_lm, "config", None)
     if config is None:

@@ -303,6 +303,9 @@ def load_policy(settings: ModelSettings, *, vocab_size: int | None = None,
                                        gguf_file=None if settings.tokenizer else settings.gguf_file,
                                        trust_remote_code=settings.trust_remote_code)
     _ensure_pad_token(tokenizer, model, settings.tokenizer or settings.path or "byte")
+    from halokit.logprobs import check_plain_head
+
+    check_plain_head(model)  # refuse a model halokit cannot score before data, reference or steps run
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise UserError(f"{settings.path or 'model.tiny'}: the tokenizer has {len(tokenizer)} tokens but the "
