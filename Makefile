@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 EXTRAS ?= dev,gguf
 comma := ,
 STAMP := $(VENV)/.halokit-installed-$(subst $(comma),-,$(EXTRAS))
-# pip prints a warning for every missing local index folder on some machines; keep the output readable.
-PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" || true
+# pip prints a warning for every missing local index folder on some machines; keep the output readable (grep
+# finding nothing is fine; a pip failure still fails the pipeline, under pipefail).
+PIP_QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # pip byte-compiles every module it installs (torch, transformers, sympy, ...): ~2 of the 3.5 install minutes on
 # a slow 2-core machine, for ~15,000 files of which a run imports ~2,500. --no-compile leaves that to the first
 # import, which writes each module's .pyc once (~14 s), so bytecode writing must be on where the environment
@@ -32,7 +33,10 @@ $(STAMP): pyproject.toml constraints.txt
 		echo "halokit: installing torch (constraints.txt) and halokit[$(EXTRAS)] into $(VENV)"; \
 		$(PIP_INSTALL) -c constraints.txt -e ".[$(EXTRAS)]" 2>&1 | $(PIP_QUIET); \
 	fi
-	@$(PY) -c "import halokit, torch; print(f'halokit {halokit.__version__} with torch {torch.__version__}')"
+	@# imports what a run imports, writing its bytecode once (runs that turn bytecode writing off still read it)
+	@$(PY) -c "import halokit.train, halokit.evaluate, halokit.demo, peft, torch; \
+		from transformers import LlamaForCausalLM; \
+		print(f'halokit {halokit.__version__} with torch {torch.__version__}')"
 	@rm -f $(VENV)/.halokit-installed-*; touch $@
 
 demo: install

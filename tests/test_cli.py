@@ -123,10 +123,17 @@ def test_lora_settings_without_a_rank_are_named(tmp_path, capsys):
     assert not (tmp_path / "a/model/adapter_config.json").exists()
     assert re.search(r"^model: tiny \(model\.tiny\), 107k parameters, 107k trainable \(100\.00 %\), loaded in "
                      r"\d+\.\d s$", out, flags=re.M), out
-    assert main([*base, "model.lora.r=4", "model.lora.target_modules=[q_proj]", f"output_dir={tmp_path / 'b'}"]) == 0
+    assert main([*base, "model.tiny=null", f"model.path={tmp_path / 'a/model'}", "model.lora.r=4",
+                 "model.lora.target_modules=[q_proj]", f"output_dir={tmp_path / 'b'}"]) == 0
     out = capsys.readouterr().out
     # LoRA r=4 on q_proj (64 -> 64) in 2 layers: 2 × 4 × (64 + 64) = 1,024 adapter weights next to 107k
     assert "no effect" not in out and "108k parameters, 1.02k trainable (0.95 %)" in out, out
+    # r = 0 on a folder of adapters keeps training them, with their own settings
+    assert main([*base, "model.tiny=null", f"model.path={tmp_path / 'b/model'}", "model.lora.alpha=32",
+                 f"output_dir={tmp_path / 'c'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"model.lora.alpha: no effect, model.lora.r is 0 and {tmp_path / 'b/model'} holds LoRA adapters" in out
+    assert (tmp_path / "c/model/adapter_config.json").is_file()
     assert (tmp_path / "b/model/adapter_config.json").is_file()
 
 

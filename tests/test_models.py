@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from halokit.attention import supports_varlen
 from halokit.config import LoraSettings, ModelSettings
 from halokit.data.tokenizer import byte_level_tokenizer
 from halokit.errors import UserError
@@ -147,7 +148,9 @@ def test_gemma2_loads_with_eager_attention_or_is_refused_at_load(tmp_path, token
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                   vocab_size=len(tokenizer), final_logit_softcapping=None)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
-    assert load_model(tmp_path / "gemma2", attn_implementation="auto").config._attn_implementation == "eager"
+    model = load_model(tmp_path / "gemma2")  # attn_implementation="auto"
+    assert model.config._attn_implementation == "eager"
+    assert "has no SDPA path" in supports_varlen(model)  # nor halokit's varlen attention
     with pytest.raises(UserError, match="scaled_dot_product_attention"):
         load_model(tmp_path / "gemma2", attn_implementation="sdpa")
     # the real Gemma 2 soft-caps its logits, which halokit's log-probs do not model: refused at load

@@ -27,7 +27,7 @@ def test_training_into_a_log_prints_a_line_per_logged_step(tmp_path, capsys, mon
 
 def test_terminal_bar_cuts_the_metrics_not_the_count():
     out = io.StringIO()
-    console = Console(file=out, force_terminal=True, width=80, color_system=None)
+    console = Console(file=out, force_terminal=True, force_interactive=True, width=80, color_system=None)
     with TrainingProgress(console, "kto", total=200, completed=0) as progress:
         progress.advance(40)
         progress.update(40, INFO)

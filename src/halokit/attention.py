@@ -297,6 +297,8 @@ def supports_varlen(model: nn.Module) -> str | None:
             return f"{type(base).__name__} does not use transformers' attention interface"
     except Exception as err:  # noqa: BLE001 - remote code may not implement the check
         return f"{type(base).__name__}: {err}"
+    if not getattr(type(base), "_supports_sdpa", True):  # its attention is more than softmax(qkᵀ/√d)v
+        return f"{type(base).__name__} has no SDPA path (custom attention)"
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return f"sliding-window attention (sliding_window={config.sliding_window})"
     for name in ("attn_logit_softcapping", "attention_chunk_size"):

@@ -250,10 +250,12 @@ def _eval_chat_template(args: argparse.Namespace) -> str:
     to the model folder), else auto: a model is evaluated on prompts rendered the way it was trained."""
     if args.chat_template:
         return args.chat_template
+    if not Path(args.model).is_dir():  # a Hub id or a .gguf file: no run around it
+        return "auto"
     config = Path(args.model).parent / "config.yaml"
     try:
         mode = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("chat_template")
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # ValueError: not UTF-8
         return "auto"
     if mode in ("always", "never"):
         print(f"prompts rendered with data.chat_template={mode}, as in training ({config})")

@@ -99,7 +99,7 @@ def _llama_config_keys() -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------- load
-_gguf_readers: dict | None = None  # while gguf_parsed_once() is active: (path, mode, size, mtime) -> GGUFReader
+_gguf_readers: dict | None = None  # while gguf_parsed_once() is active: (file identity, mode) -> GGUFReader
 
 
 @contextlib.contextmanager
@@ -123,14 +123,14 @@ def gguf_parsed_once():
         yield
         return
     reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    _gguf_readers = {}
+    _gguf_readers = readers = {}
 
     def reader(path, mode="r"):
-        stat = os.stat(path)
-        key = (os.fspath(path), mode, stat.st_size, stat.st_mtime_ns)
-        if key not in _gguf_readers:
-            _gguf_readers[key] = reader_cls(path, mode)
-        return _gguf_readers[key]
+        stat = os.stat(path)  # the same file under any spelling of its path, as long as it is unchanged
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
 
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
     try:
@@ -141,7 +141,7 @@ def gguf_parsed_once():
 
 
 def load_model(path: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "float32",
-               attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> PreTrainedModel:
+               attn_implementation: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM with float32 weights from a local directory, a Hub id, or a GGUF file.
 
     Local directories must hold safetensors (pickle checkpoints can run code when read). A directory
@@ -149,7 +149,8 @@ def load_model(path: str | os.PathLike, *, gguf_file: str | None = None, dtype: 
     GGUF weights are dequantized to float32 and the "quantized" flag transformers leaves on them is
     removed, so the model trains and saves like any other. ``dtype`` is checked here but weights stay
     float32 either way: bfloat16 is applied at compute time by :func:`autocast_context`.
-    ``attn_implementation="auto"``: SDPA, or the eager attention for an architecture without an SDPA path.
+    ``attn_implementation="auto"``: transformers' own choice, SDPA or, for an architecture without an SDPA path
+    (Gemma 2), the eager attention.
     """
     _check_dtype(dtype)
     with gguf_parsed_once():
@@ -172,18 +173,10 @@ def _load_model(name: str, gguf_file: str | None, attn_implementation: str, trus
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
-
-    def load(attn: str) -> PreTrainedModel:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation=attn,
-                                                    trust_remote_code=trust_remote_code, **kwargs)
-
-    try:
-        try:
-            model = load("sdpa" if attn_implementation == "auto" else attn_implementation)
-        except ValueError as err:  # e.g. Gemma 2 (attention logit soft-capping) has no SDPA path
-            if attn_implementation != "auto" or "scaled_dot_product_attention" not in str(err):
-                raise
-            model = load("eager")
+    try:  # attn_implementation None: SDPA where the architecture has it, else eager
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.float32, attn_implementation=None if attn_implementation == "auto" else
+            attn_implementation, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:
         raise UserError(_load_failure(name, gguf_file, local, err)) from err
     quantizer = getattr(model, "hf_quantizer", None)

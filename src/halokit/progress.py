@@ -45,9 +45,9 @@ def _clock(seconds: float) -> str:
 
 
 class TrainingProgress:
-    """The training loop's progress: a live bar on a terminal; elsewhere (a log file, CI, a batch job's
-    output) one plain line per logged step, because rich draws a bar only once, when it stops, where it
-    cannot redraw, so a long run would print nothing until it ends.
+    """The training loop's progress: a live bar where rich can redraw (a terminal, a notebook); elsewhere (a
+    log file, CI, a batch job's output, a dumb terminal) one plain line per logged step, because there rich
+    draws a bar only once, when it stops, so a long run would print nothing until it ends.
 
     ``update(step, info)`` at each logged step (``info``: the metrics in brief), ``advance(step)`` after
     every step. A line reads ``kto step 40/200 (20 %) 0:01:10 elapsed, ETA 0:04:40 | loss=0.4912 ...``;
@@ -57,7 +57,7 @@ class TrainingProgress:
     def __init__(self, console: Console, description: str, total: int, completed: int = 0):
         self.console, self.description, self.total = console, description, total
         self.first, self.started = completed, time.perf_counter()
-        self.bar = make_progress(console) if console.is_terminal else None
+        self.bar = make_progress(console) if console.is_interactive or console.is_jupyter else None
         self.task = self.bar.add_task(description, total=total, completed=completed, info="") if self.bar else None
 
     def __enter__(self) -> TrainingProgress:

@@ -81,8 +81,12 @@ def prepare_run(cfg: Config) -> RunData:
     _check_cache_dir(cfg, method)
     if ignored := cfg.model.lora.ignored():
         keys = ", ".join(f"model.lora.{name}" for name in ignored)
-        run.notes.append(f"{keys}: no effect, model.lora.r is 0 (LoRA off, every weight trains); set model.lora.r "
-                         f"(e.g. 8) to train adapters")
+        if cfg.model.path and (Path(cfg.model.path).expanduser() / "adapter_config.json").is_file():
+            run.notes.append(f"{keys}: no effect, model.lora.r is 0 and {cfg.model.path} holds LoRA adapters, "
+                             f"which keep training with their own settings")
+        else:
+            run.notes.append(f"{keys}: no effect, model.lora.r is 0 (LoRA off, every weight trains); set "
+                             f"model.lora.r (e.g. 8) to train adapters")
     return run
 
 
