@@ -10,7 +10,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import functools
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from torch import nn
 
 from halokit.attention import use_varlen
 from halokit.errors import ConfigError, UserError
+from halokit.gguf_files import check_gguf, gguf_parsed_once
 from halokit.last_layer import use_read_positions_only
 from halokit.lean import use_lean_layers
 from halokit.lora import _first_line, _peft_model, _quiet_peft, add_lora, has_adapters
@@ -99,47 +99,6 @@ def _llama_config_keys() -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------- load
-_gguf_readers: dict | None = None  # while gguf_parsed_once() is active: (file identity, mode) -> GGUFReader
-
-
-@contextlib.contextmanager
-def gguf_parsed_once():
-    """Within this block a GGUF file is parsed once, however often transformers opens it.
-
-    Loading a model and its tokenizer from one GGUF file makes transformers build a ``gguf.GGUFReader`` three
-    times (config, weights, tokenizer) — each parses every metadata field, ~50k vocabulary strings one numpy
-    view at a time, ~10 s for SmolLM2-135M on a slow core — and rebuild gguf's tensor-name table for every
-    module of the model (~400 times). Both are pure functions of their arguments (the reader of an unchanged
-    file, the table of an architecture and a layer count), so inside the block they are cached: SmolLM2-135M
-    from GGUF loads in ~30 s instead of ~90 s here. Nested blocks share the outer cache; the ``gguf`` module
-    is restored on exit. Without the gguf package this does nothing.
-    """
-    global _gguf_readers
-    try:
-        import gguf
-    except ImportError:
-        gguf = None
-    if gguf is None or _gguf_readers is not None:
-        yield
-        return
-    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    _gguf_readers = readers = {}
-
-    def reader(path, mode="r"):
-        stat = os.stat(path)  # the same file under any spelling of its path, as long as it is unchanged
-        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, mode)
-        if key not in readers:
-            readers[key] = reader_cls(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
-        _gguf_readers = None
-
-
 def load_model(path: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "float32",
                attn_implementation: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
     """A causal LM with float32 weights from a local directory, a Hub id, or a GGUF file.
@@ -198,7 +157,7 @@ def _check_local_model(folder: Path, gguf_file: str | None) -> bool:
     if not folder.exists():
         raise UserError(f"{folder}: model path not found")
     if gguf_file is not None:
-        _check_gguf(folder / gguf_file)
+        check_gguf(folder / gguf_file)
         return False
     if not folder.is_dir():
         raise UserError(f"{folder}: expected a model directory or a .gguf file")
@@ -224,22 +183,6 @@ def _check_safetensors(file: Path) -> None:
             pass
     except (SafetensorError, OSError) as err:
         raise UserError(f"{file}: unreadable safetensors file, truncated or corrupt ({_first_line(err)})") from err
-
-
-def _check_gguf(file: Path) -> None:
-    if not file.is_file():
-        raise UserError(f"{file}: GGUF file not found")
-    try:
-        from gguf import GGUFReader
-    except ImportError as err:
-        raise UserError(f"{file}: reading GGUF needs the gguf package (pip install 'halokit[gguf]')") from err
-    try:
-        reader = GGUFReader(str(file))
-    except Exception as err:  # any parse failure of this untrusted file means the file is bad
-        raise UserError(f"{file}: unreadable GGUF file, truncated or corrupt ({_first_line(err)})") from err
-    for tensor in reader.tensors:
-        if tensor.data.nbytes != tensor.n_bytes:  # the reader silently returns short views past EOF
-            raise UserError(f"{file}: truncated GGUF file (tensor {tensor.name} is incomplete)")
 
 
 def _load_adapter(folder: Path, **kwargs: Any) -> PeftModel:
