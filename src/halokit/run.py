@@ -79,14 +79,6 @@ def prepare_run(cfg: Config) -> RunData:
     if method is Method.KTO and cfg.kto.desirable_weight is None and cfg.kto.undesirable_weight is None:
         _check_both_labels(cfg.data.train, run.splits["train"])
     _check_cache_dir(cfg, method)
-    if ignored := cfg.model.lora.ignored():
-        keys = ", ".join(f"model.lora.{name}" for name in ignored)
-        if cfg.model.path and (Path(cfg.model.path).expanduser() / "adapter_config.json").is_file():
-            run.notes.append(f"{keys}: no effect, model.lora.r is 0 and {cfg.model.path} holds LoRA adapters, "
-                             f"which keep training with their own settings")
-        else:
-            run.notes.append(f"{keys}: no effect, model.lora.r is 0 (LoRA off, every weight trains); set "
-                             f"model.lora.r (e.g. 8) to train adapters")
     return run
 
 

@@ -26,6 +26,7 @@ from halokit.data.collate import Batch, collate
 from halokit.errors import UserError
 from halokit.lock import RunLock
 from halokit.logprobs import LogpsModel
+from halokit.lora import has_adapters
 from halokit.methods import Method
 from halokit.models import autocast_context, load_policy, save_model
 from halokit.precision import MasterWeights, dtype_note
@@ -96,6 +97,8 @@ def _train(cfg: Config, run: RunData, on_step: StepHook | None = None) -> Path:
         loading = time.perf_counter()
         model, tokenizer = load_policy(cfg.model, seed=t.seed)
         console.print(_model_line(cfg, model, time.perf_counter() - loading))
+        if ignored := cfg.model.lora.ignored():
+            console.print(_ignored_lora_note(ignored, cfg.model.path, has_adapters(model)))
         model.to(accelerator.device)
         master = _master_weights(cfg, model, accelerator)  # before the reference, which must see the same weights
         prepared = prepare_data(cfg, run, tokenizer, num_processes=accelerator.num_processes)
@@ -296,6 +299,16 @@ def _model_line(cfg: Config, model: torch.nn.Module, seconds: float) -> str:
     name = cfg.model.path or "tiny (model.tiny)"
     return (f"model: {name}, {_size(total)} parameters, {_size(trainable)} trainable "
             f"({100 * trainable / max(total, 1):.2f} %), loaded in {seconds:.1f} s")
+
+
+def _ignored_lora_note(ignored: list[str], path: str | None, adapters: bool) -> str:
+    """LoRA settings next to ``model.lora.r = 0`` do nothing: say so, and what trains instead."""
+    keys = ", ".join(f"model.lora.{name}" for name in ignored)
+    if adapters:
+        return f"{keys}: no effect, model.lora.r is 0 and {path} holds LoRA adapters, which keep training with " \
+               f"their own settings"
+    return f"{keys}: no effect, model.lora.r is 0 (LoRA off, every weight trains); set model.lora.r (e.g. 8) to " \
+           f"train adapters"
 
 
 def _size(n: int) -> str:
